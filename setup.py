@@ -1,0 +1,35 @@
+"""micle_jax: SimCLR / MICLe self-supervised pre-training for medical images in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="micle_jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax framework for 'Big Self-Supervised Models Advance Medical Image "
+        "Classification' (Azizi et al., ICCV 2021): SimCLR and MICLe pre-training, "
+        "fine-tuning and evaluation."
+    ),
+    packages=setuptools.find_packages(include=["micle_jax", "micle_jax.*"]),
+    python_requires=">=3.11",
+    # TPU / GPU users: install the matching jax build first
+    # (pip install "jax[tpu]" or "jax[cuda12]"); tensorflow-cpu is only used for
+    # tf.data and must never take the accelerator.
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "tensorflow-cpu>=2.17",
+        "tensorflow-datasets>=4.9.6",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.12",
+        "orbax-checkpoint>=0.11.0",
+        "absl-py>=2.1.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
+    },
+)
