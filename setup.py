@@ -25,6 +25,7 @@ setuptools.setup(
         "clu>=0.0.12",
         "orbax-checkpoint>=0.11.0",
         "absl-py>=2.1.0",
+        "tensorboard>=2.17",  # clu metric_writers write TensorBoard summaries
         "numpy>=1.26",
         "pillow>=10.0",
         "matplotlib>=3.8",

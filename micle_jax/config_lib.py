@@ -132,3 +132,175 @@ def get_steps(
     if default is None:
         raise ValueError(f"config needs {name}_steps or {name}_epochs")
     return default
+
+
+def model_config(arch: str, **overrides) -> ml_collections.ConfigDict:
+    """The model block of a config: SimCLR v2 ResNet + 3-layer 128-d projection head."""
+    fields = dict(
+        name="resnet",
+        **arch_fields(arch),
+        proj_layers=3,
+        proj_dim=128,
+        num_classes=0,
+        head_input=0,
+        head_stop_gradient=True,
+        fine_tune_after_block=-1,
+        dtype="float32",
+        bn_momentum=0.9,  # SimCLR: BATCH_NORM_DECAY 0.9, epsilon 1e-5
+        bn_epsilon=1e-5,
+    )
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """The data block of a config (see micle_jax/data/pipeline.py for each field)."""
+    fields = dict(
+        source="synthetic",
+        split="train",
+        mode="simclr",
+        image_size=224,
+        augment="simclr",
+        augment_kwargs=ml_collections.ConfigDict(),
+        shuffle_buffer=10_000,
+        cache_decoded=False,
+        uncertain_policy="ignore",
+        label_fraction=1.0,
+        num_parallel_calls=-1,  # tf.data.AUTOTUNE
+    )
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def pretrain_config(arch: str) -> ml_collections.ConfigDict:
+    """Contrastive pre-training defaults: the official SimCLR ImageNet command.
+
+    google-research/simclr tf2 README: --train_batch_size=4096 --train_epochs=100
+    --learning_rate=0.075 --learning_rate_scaling=sqrt --weight_decay=1e-4
+    --temperature=0.1, LARS, 10 warm-up epochs then cosine; global BN.
+    """
+    config = ml_collections.ConfigDict()
+    config.trainer = "pretrain"
+    config.seed = 0
+    config.batch_size = 4096
+    config.total_epochs = 100.0
+    config.total_steps = ml_collections.config_dict.placeholder(int)
+    config.warmup_epochs = 10.0
+    config.warmup_steps = ml_collections.config_dict.placeholder(int)
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 5000
+    config.keep_checkpoints = 5  # SimCLR: keep_checkpoint_max 5
+    config.linear_probe = True  # SimCLR: lineareval_while_pretraining
+    config.model = model_config(arch)
+    config.data = data_config()
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="lars",
+            base_lr=0.075,
+            lr_scaling="sqrt",  # 0.075 * sqrt(4096) = 4.8 = 0.3 * 4096 / 256
+            schedule="cosine",
+            momentum=0.9,
+            weight_decay=1e-4,
+            eeta=1e-3,
+            nesterov=False,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+        )
+    )
+    config.loss = ml_collections.ConfigDict(dict(temperature=0.1))
+    # Weights only, from another run: its backbone, plus the first
+    # `init_proj_layers` projection layers.
+    config.init = ml_collections.ConfigDict(dict(checkpoint="", init_proj_layers=0))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
+    return config
+
+
+def runlocal_pretrain(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a pre-training config in place to a CPU smoke run (seconds, not days)."""
+    config.batch_size = 16
+    config.total_epochs = None
+    config.total_steps = 6
+    config.warmup_epochs = None
+    config.warmup_steps = 2
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 3
+    config.data.image_size = 32
+    config.data.shuffle_buffer = 64
+
+
+def finetune_config(arch: str) -> ml_collections.ConfigDict:
+    """Supervised fine-tuning defaults: SimCLR v2's fine-tuning command.
+
+    google-research/simclr README (fine-tune the whole network on 1% of
+    ImageNet): --train_mode=finetune --fine_tune_after_block=-1
+    --zero_init_logits_layer=True --global_bn=True --optimizer=lars
+    --learning_rate=0.005 --learning_rate_scaling=sqrt --weight_decay=0
+    --train_epochs=60 --train_batch_size=1024 --warmup_epochs=0
+    --num_proj_layers=3 --ft_proj_selector=1. The paper does not publish its
+    own fine-tuning grid for dermatology and CheXpert (RECIPE.md: unknown), so
+    these are the defaults and every value is exposed.
+
+    Fields beyond pretrain_config's: `select_best` ('EVAL/METRIC' whose best
+    value picks the 'best' checkpoint; '' = none), `evals` (see
+    micle_jax/evaluators), `eval_batch_size`, `bootstrap_samples` (for the 95%
+    intervals), `zero_init_head`. `model.head_input` follows
+    `init.init_proj_layers` (SimCLR's ft_proj_selector: the head reads the
+    output of the last projection layer copied from the init checkpoint).
+    """
+    config = ml_collections.ConfigDict()
+    config.trainer = "finetune"
+    config.seed = 0
+    config.batch_size = 1024
+    config.eval_batch_size = 1024
+    config.total_epochs = 60.0
+    config.total_steps = ml_collections.config_dict.placeholder(int)
+    config.warmup_epochs = 0.0
+    config.warmup_steps = ml_collections.config_dict.placeholder(int)
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 5  # SimCLR: keep_checkpoint_max 5
+    config.zero_init_head = True  # SimCLR: zero_init_logits_layer
+    config.select_best = ""
+    config.bootstrap_samples = 1000
+    config.init = ml_collections.ConfigDict(dict(checkpoint="", init_proj_layers=1))
+    config.model = model_config(arch, head_stop_gradient=False)
+    config.model.head_input = config.init.get_ref("init_proj_layers")
+    config.data = data_config(mode="supervised", augment="supervised")
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="lars",
+            base_lr=0.005,
+            lr_scaling="sqrt",  # 0.005 * sqrt(1024) = 0.16
+            schedule="cosine",
+            momentum=0.9,
+            weight_decay=0.0,
+            eeta=1e-3,
+            nesterov=False,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+        )
+    )
+    config.evals = ml_collections.ConfigDict()
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
+    return config
+
+
+def runlocal_finetune(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a fine-tuning config in place to a CPU smoke run (seconds, not hours)."""
+    config.batch_size = 16
+    config.eval_batch_size = 64
+    config.total_epochs = None
+    config.total_steps = 6
+    config.warmup_epochs = None
+    config.warmup_steps = 1
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 3
+    config.bootstrap_samples = 100
+    config.data.image_size = 32
+    config.data.shuffle_buffer = 64
+    config.data.cache_decoded = True
+    for entry in config.evals.values():
+        if entry.get("every_steps"):
+            entry.every_steps = 3

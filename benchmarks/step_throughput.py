@@ -1,0 +1,108 @@
+r"""Throughput of the jitted contrastive training step (a measurement, not a test).
+
+  python benchmarks/step_throughput.py --arch=r50x1 --image_size=64 --batch=64
+
+Prints views/s and the achieved FLOP/s of the whole update (forward and
+backward of both views, NT-Xent, LARS), and as the reference measured in the
+same run the FLOP/s of a large float32 matmul on the same devices, so that the
+ratio means something on a shared, noisy machine. FLOPs per step come from
+XLA's cost analysis of the compiled step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from micle_jax import config_lib, models, optim, sharding
+from micle_jax.trainers import harness, pretrain
+
+_ARCH = flags.DEFINE_string("arch", "r50x1", "Architecture name (config_lib.ARCHS).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "View size in pixels.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Global batch (pairs); 2x views per step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Reference matmul is N x N x N.")
+
+
+def time_fn(fn, *args, repeats: int) -> float:
+    """Median wall seconds of fn(*args) (blocked until ready) over `repeats` calls."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_flops_per_s(n: int) -> float:
+    """FLOP/s of an n x n float32 matmul on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    seconds = time_fn(jax.jit(jnp.matmul), a, b, repeats=5)
+    return 2 * n**3 / seconds
+
+
+def main(argv):
+    del argv
+    model_config = config_lib.model_config(_ARCH.value, dtype=_DTYPE.value)
+    model = models.build_model(model_config)
+    optim_config = config_lib.pretrain_config(_ARCH.value).optim
+    schedule = optim.make_schedule(optim_config, 1000, 100, _BATCH.value)
+    tx = optim.make_optimizer(optim_config, schedule)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, model=1)))
+    state, state_shardings, _ = harness.create_state(model, tx, mesh, _IMAGE_SIZE.value, 0, 2**22)
+    step = jax.jit(
+        pretrain.make_train_step(model, tx, schedule, 0.1, probe=False),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    rng = np.random.default_rng(0)
+    shape = (_BATCH.value, _IMAGE_SIZE.value, _IMAGE_SIZE.value, 3)
+    batch = sharding.host_to_global(
+        {
+            "view1": rng.random(shape, dtype=np.float32),
+            "view2": rng.random(shape, dtype=np.float32),
+            "label": np.zeros(_BATCH.value, np.int32),
+            "multi_instance": np.zeros(_BATCH.value, bool),
+        },
+        mesh,
+    )
+    compiled = step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0))
+
+    state, _ = step(state, batch)  # warm-up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(_STEPS.value):
+        start = time.perf_counter()
+        state, measurements = step(state, batch)
+        jax.block_until_ready(measurements)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    reference = matmul_flops_per_s(_MATMUL.value)
+    views = 2 * _BATCH.value / seconds
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
+    print(
+        f"arch {_ARCH.value}  image {_IMAGE_SIZE.value}px  batch {_BATCH.value} pairs  "
+        f"dtype {_DTYPE.value}  params {models.count_params(state.params):,}"
+    )
+    print(f"step time (median of {_STEPS.value}): {seconds * 1e3:.1f} ms")
+    print(f"views/s: {views:.1f}")
+    print(f"step FLOPs (XLA cost analysis): {flops / 1e9:.2f} GFLOP")
+    print(f"achieved: {flops / seconds / 1e9:.2f} GFLOP/s")
+    print(f"reference {_MATMUL.value}^3 f32 matmul: {reference / 1e9:.2f} GFLOP/s")
+    print(f"ratio achieved / reference: {flops / seconds / reference:.3f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,256 @@
+"""SimCLR / MICLe contrastive pre-training (steps 1 and 2 of the recipe).
+
+One readable `main()` in big_vision's order: set-up, mesh, input pipeline,
+model and optimizer, checkpoint restore, train loop. The update step is a
+pure jitted function on the GLOBAL batch: NT-Xent sees every negative of every
+replica and BatchNorm statistics are global (SimCLR's global_bn), because XLA
+inserts the collectives for the sharded batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from micle_jax import checkpoint, config_lib, losses, models, optim, sharding
+from micle_jax.data import pipeline
+from micle_jax.trainers import harness
+
+MODES = ("simclr", "micle")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks what the locked ConfigDict cannot (values, not names)."""
+    if config.data.mode not in MODES:
+        raise ValueError(f"config.data.mode={config.data.mode!r}; accepted: {', '.join(MODES)}")
+    if config.batch_size <= 0:
+        raise ValueError(f"config.batch_size={config.batch_size} must be > 0")
+    if config.loss.temperature <= 0:
+        raise ValueError(f"config.loss.temperature={config.loss.temperature} must be > 0")
+    for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[name] <= 0:
+            raise ValueError(f"config.{name}={config[name]} must be > 0")
+    n_data = jax.device_count() // config.mesh.get("model", 1)
+    if config.batch_size % max(n_data, 1) or config.batch_size % jax.process_count():
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must divide evenly over the "
+            f"{n_data} data-parallel devices and {jax.process_count()} processes"
+        )
+
+
+def make_train_step(model, tx, schedule, temperature: float, probe: bool):
+    """The jitted-to-be update: (state, batch) -> (state, measurements).
+
+    batch: view1, view2 [B, H, W, 3] float32; label [B] int32 (-1 = none);
+    multi_instance [B] bool. Both views go through the network as one batch
+    of 2B, as in SimCLR, so BatchNorm sees all of them.
+    """
+
+    def train_step(state: harness.TrainState, batch):
+        def loss_fn(params):
+            images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+            out, mutated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            z1, z2 = jnp.split(out["projections"], 2, axis=0)
+            loss, acc = losses.nt_xent_with_accuracy(z1, z2, temperature)
+            measurements = {"contrastive_loss": loss, "contrastive_acc": acc}
+            if probe:
+                # SimCLR's lineareval_while_pretraining: a head on stop-gradient
+                # features, trained on whatever labels the batch has.
+                labels = jnp.concatenate([batch["label"], batch["label"]], axis=0)
+                mask = (labels >= 0).astype(jnp.float32)
+                probe_loss = losses.softmax_cross_entropy(
+                    out["logits"], jnp.maximum(labels, 0), mask
+                )
+                hits = (jnp.argmax(out["logits"], -1) == labels).astype(jnp.float32)
+                measurements["probe_loss"] = probe_loss
+                measurements["probe_acc"] = jnp.sum(hits * mask) / jnp.maximum(mask.sum(), 1.0)
+                loss = loss + probe_loss
+            return loss, (mutated["batch_stats"], measurements)
+
+        (loss, (batch_stats, measurements)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        measurements.update(
+            loss=loss,
+            learning_rate=schedule(state.step),
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(params),
+            multi_instance_fraction=jnp.mean(batch["multi_instance"].astype(jnp.float32)),
+            finite=jnp.isfinite(loss),
+        )
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, measurements
+
+    return train_step
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pre-trains with SimCLR or MICLe; returns the last logged measurements."""
+    # --- Set-up: everything is validated before anything is written. ---
+    check_config(config)
+    workdir = harness.check_workdir(workdir)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+
+    # --- Input pipeline (sizes first; the dataset is built at the resumed step). ---
+    info = pipeline.get_info(config.data)
+    num_examples = pipeline.num_examples(config.data, config.data.mode)
+    total_steps = config_lib.get_steps("total", config, num_examples, config.batch_size)
+    warmup_steps = config_lib.get_steps("warmup", config, num_examples, config.batch_size, 0)
+    probe = bool(config.linear_probe) and info.label_type == "multiclass" and info.num_classes > 0
+
+    # --- Model and optimizer. ---
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+        model_config.num_classes = info.num_classes if probe else 0
+    model = models.build_model(model_config)
+    schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.batch_size)
+    tx = optim.make_optimizer(config.optim, schedule)
+    state, state_shardings, abstract_state = harness.create_state(
+        model, tx, mesh, config.data.image_size, config.seed, config.mesh.shard_min_size
+    )
+
+    # --- Checkpoints: resume, else init weights, else scratch. ---
+    os.makedirs(workdir, exist_ok=True)
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+    meta = {"global_batch_size": config.batch_size, "seed": config.seed, "trainer": "pretrain"}
+    state = harness.restore_or_init(
+        state,
+        abstract_state,
+        state_shardings,
+        manager,
+        meta,
+        config.init.checkpoint,
+        harness.weight_prefixes(config.init),
+    )
+    start_step = int(jax.device_get(state.step))
+
+    # --- Logging (process 0 writes). ---
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+    if start_step == 0:
+        parameter_overview.log_parameter_overview(state.params)
+        writer.write_hparams(
+            {k: v for k, v in _flat(config).items() if isinstance(v, int | float | str | bool)}
+        )
+    logging.info(
+        "%s pre-training: %d examples/epoch, global batch %d, steps %d..%d (warm-up %d), "
+        "%d devices in %d processes, linear probe %s",
+        config.data.mode,
+        num_examples,
+        config.batch_size,
+        start_step,
+        total_steps,
+        warmup_steps,
+        jax.device_count(),
+        jax.process_count(),
+        probe,
+    )
+    harness.write_status(workdir, "running", step=start_step, total_steps=total_steps)
+
+    # --- The update step: donated state, explicit shardings. ---
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, config.loss.temperature, probe),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    dataset = pipeline.make_dataset(
+        config.data,
+        mode=config.data.mode,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+    )
+    batches = dataset.as_numpy_iterator()
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+    preemption = harness.Preemption(manager)
+    pending, summary, last = [], {}, {}
+
+    # --- Train loop. ---
+    step = start_step
+    try:
+        while step < total_steps:
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = sharding.host_to_global(next(batches), mesh)
+                state, measurements = train_step(state, batch)
+            step += 1
+            pending.append((step, measurements))
+            progress(step)
+            stop = preemption.should_stop(step)
+            log_now = harness.run_periodically(config.log_every_steps, step, total_steps)
+            save_now = stop or harness.run_periodically(
+                config.checkpoint_every_steps, step, total_steps
+            )
+            if log_now or save_now:
+                # Only finite states are ever checkpointed.
+                bad = harness.first_bad_step([(s, m["finite"]) for s, m in pending])
+                if bad is not None:
+                    raise harness.NonFiniteLoss(harness.nonfinite_message(bad, manager))
+                summary = _mean_measurements([m for _, m in pending])
+                pending = []
+            if log_now:
+                writer.write_scalars(step, summary)
+                last = summary
+            if save_now:
+                checkpoint.save(manager, step, state, {**meta, "step": step})
+            if stop:
+                logging.warning("Stopped at step %d by preemption; rerun to resume", step)
+                break
+        manager.wait_until_finished()
+    except harness.NonFiniteLoss as e:
+        manager.wait_until_finished()
+        harness.write_status(workdir, "failed", step=step, error=str(e))
+        raise
+    finally:
+        preemption.close()
+        writer.flush()
+    status = "finished" if step >= total_steps else "preempted"
+    harness.write_status(workdir, status, step=step, total_steps=total_steps, measurements=last)
+    if is_main:
+        logging.info("Done: %s at step %d. Checkpoints: %s", status, step, manager.directory)
+    manager.close()
+    return {k: float(v) for k, v in last.items()}
+
+
+def _mean_measurements(items: list[dict]) -> dict[str, float]:
+    """Means of the per-step measurements since the last log (one device fetch)."""
+    fetched = jax.device_get(items)
+    keys = [k for k in fetched[0] if k != "finite"]
+    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict:
+    """Flattens a config into {'a.b': value} for the hparams summary."""
+    return _flat_dict(json.loads(config.to_json_best_effort()))
+
+
+def _flat_dict(d: dict) -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in _flat_dict(value).items()})
+        else:
+            out[key] = value
+    return out

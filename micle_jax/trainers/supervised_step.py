@@ -1,0 +1,186 @@
+"""Supervised training: the task, the model, which weights train, the update step.
+
+Fine-tuning (SimCLR's train_mode='finetune'), linear evaluation and the
+supervised ImageNet baseline share one step: softmax cross-entropy for
+multiclass labels (images without a label, -1, are masked) or sigmoid
+cross-entropy for multilabel ones (uncertain or missing labels masked by the
+pipeline's `label_mask`), on the global batch (BatchNorm statistics global, as
+SimCLR's global_bn=True for fine-tuning).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from micle_jax import losses, models
+from micle_jax.evaluators import base
+from micle_jax.models import frozen_stages
+from micle_jax.trainers import harness
+
+
+def trainable_mask(params: dict, fine_tune_after_block: int, head_input: int) -> dict:
+    """Which parameters the optimizer updates (Python bools, structure of `params`).
+
+    Frozen, as SimCLR's fine-tuning:
+      - the backbone stages that `fine_tune_after_block` freezes (-1: none;
+        4: all of them, i.e. linear evaluation);
+      - the projection layers after `head_input` (SimCLR's ft_proj_selector):
+        the head never reads them, so they get no gradient, and leaving them
+        to the optimizer would only decay them.
+
+    Args:
+      params: the model's parameter tree ('backbone', 'projection_head', 'head').
+      fine_tune_after_block: -1 .. 4, see models.frozen_stages.
+      head_input: 0 = the head reads backbone features; k = projection layer k.
+    """
+    frozen = {f"backbone/{stage}" for stage in frozen_stages(fine_tune_after_block)}
+    flat = traverse_util.flatten_dict(params, sep="/")
+
+    def trainable(name: str) -> bool:
+        if any(name.startswith(prefix + "/") for prefix in frozen):
+            return False
+        parts = name.split("/")
+        if parts[0] == "projection_head":
+            layer = int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+            return layer <= head_input
+        return True
+
+    return traverse_util.unflatten_dict({k: trainable(k) for k in flat}, sep="/")
+
+
+def zero_head(params: dict) -> dict:
+    """The params with the linear head set to zero (SimCLR's zero_init_logits_layer).
+
+    Starting every logit at 0 makes the first fine-tuning steps follow the
+    features rather than a random head; SimCLR's fine-tuning commands set it.
+    """
+    if "head" not in params:
+        return params
+    return {**params, "head": jax.tree.map(jnp.zeros_like, params["head"])}
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule, label_type: str):
+    """The jitted-to-be update: (state, batch) -> (state, measurements).
+
+    batch: 'image' [B, H, W, 3] float32; 'label' int32 [B] (multiclass, -1 =
+    none) or float32 [B, C] (multilabel) with 'label_mask' float32 [B, C].
+    """
+    if label_type not in ("multiclass", "multilabel"):
+        raise ValueError(f"label_type={label_type!r}; accepted: multiclass, multilabel")
+
+    def train_step(state: harness.TrainState, batch):
+        def loss_fn(params):
+            out, mutated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["image"],
+                train=True,
+                mutable=["batch_stats"],
+            )
+            logits = out["logits"]
+            if label_type == "multiclass":
+                labels = batch["label"]
+                mask = (labels >= 0).astype(jnp.float32)
+                loss = losses.softmax_cross_entropy(logits, jnp.maximum(labels, 0), mask)
+                hits = losses.topk_correct(logits, jnp.maximum(labels, 0), 1)
+                accuracy = jnp.sum(hits * mask) / jnp.maximum(mask.sum(), 1.0)
+                measurements = {"train_accuracy": accuracy, "labelled_fraction": mask.mean()}
+            else:
+                mask = batch["label_mask"]
+                loss = losses.sigmoid_cross_entropy(logits, batch["label"], mask)
+                measurements = {"labelled_fraction": jnp.mean(mask)}
+            return loss, (mutated["batch_stats"], measurements)
+
+        (loss, (batch_stats, measurements)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        measurements.update(
+            loss=loss,
+            learning_rate=schedule(state.step),
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(params),
+            finite=jnp.isfinite(loss),
+        )
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, measurements
+
+    return train_step
+
+
+def make_task(config: ml_collections.ConfigDict, info) -> base.TaskInfo:
+    """The model's task from the training data; errors on a mismatch with the config."""
+    if info.label_type not in base.LABEL_TYPES:
+        raise ValueError(
+            f"fine-tuning needs labels, but {config.data.source} has label_type "
+            f"{info.label_type!r}; use a labelled dataset (multiclass or multilabel)"
+        )
+    wanted = config.model.num_classes
+    if wanted and wanted != info.num_classes:
+        raise ValueError(
+            f"config.model.num_classes={wanted} but {config.data.source} has "
+            f"{info.num_classes} classes ({list(info.class_names)}); set "
+            "config.model.num_classes=0 to take the count from the data"
+        )
+    return base.TaskInfo(
+        label_type=info.label_type,
+        class_names=list(info.class_names),
+        image_size=int(config.data.image_size),
+        dataset=getattr(info, "name", "") or str(config.data.source),
+    )
+
+
+def build_model(config: ml_collections.ConfigDict, task: base.TaskInfo):
+    """The model of a fine-tuning config: its model block with the task's head."""
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+        model_config.num_classes = task.num_classes
+    return models.build_model(model_config)
+
+
+def check_variables(abstract: dict, loaded: dict, source: str) -> None:
+    """Errors naming every array where a checkpoint and the config's model differ.
+
+    Args:
+      abstract: {'params', 'batch_stats'} shapes of the config's model.
+      loaded: the same from `checkpoint.load_variables`.
+      source: the checkpoint path, for the message.
+    """
+    problems = []
+    for collection in ("params", "batch_stats"):
+        want = traverse_util.flatten_dict(abstract.get(collection, {}), sep="/")
+        have = traverse_util.flatten_dict(loaded.get(collection, {}), sep="/")
+        for name in sorted(set(want) | set(have)):
+            where = f"{collection}/{name}"
+            if name not in have:
+                problems.append(f"{where}: in the model, not in the checkpoint")
+            elif name not in want:
+                problems.append(f"{where}: in the checkpoint, not in the model")
+            elif tuple(np.shape(have[name])) != tuple(want[name].shape):
+                problems.append(
+                    f"{where}: checkpoint {tuple(np.shape(have[name]))} vs model "
+                    f"{tuple(want[name].shape)}"
+                )
+    if not problems:
+        return
+    hint = "same arch, width, projection layers and data as the run that wrote it?"
+    head = [p for p in problems if p.startswith("params/head/")]
+    if head and len(head) == len(problems):
+        hint = (
+            "the classification head differs: the checkpoint was trained for another number "
+            "of classes than the config's data has"
+        )
+    elif any("backbone" in p for p in problems):
+        hint = "the backbone differs: the checkpoint has another arch/width than config.model"
+    raise ValueError(
+        f"checkpoint {source} does not match the config's model ({hint}):\n  "
+        + "\n  ".join(problems[:12])
+        + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+    )
