@@ -1,0 +1,204 @@
+"""Tests for micle_jax/losses.py against NumPy transcriptions of the references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from micle_jax import losses
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def simclr_contrastive_loss(z1, z2, temperature):
+    """NumPy (float64) transcription of SimCLR tf2/objective.py add_contrastive_loss.
+
+    hidden_norm=True, weights 1. Returns (loss, logits_a, labels) where logits_a
+    is the [ab | aa] block of view 1.
+    """
+    hidden = np.concatenate([z1, z2]).astype(np.float64)
+    hidden = hidden / np.sqrt(np.maximum((hidden**2).sum(-1, keepdims=True), 1e-12))
+    h1, h2 = np.split(hidden, 2, axis=0)
+    batch = h1.shape[0]
+    labels = np.eye(batch, 2 * batch)
+    masks = np.eye(batch)
+    logits_aa = h1 @ h1.T / temperature - masks * 1e9
+    logits_bb = h2 @ h2.T / temperature - masks * 1e9
+    logits_ab = h1 @ h2.T / temperature
+    logits_ba = h2 @ h1.T / temperature
+    logits_a = np.concatenate([logits_ab, logits_aa], 1)
+    loss_a = -(labels * _log_softmax(logits_a)).sum(1)
+    loss_b = -(labels * _log_softmax(np.concatenate([logits_ba, logits_bb], 1))).sum(1)
+    return np.mean(loss_a + loss_b), logits_a, labels
+
+
+def _views(seed, batch, dim, scale=1.0, noise=0.5):
+    rng = np.random.default_rng(seed)
+    z1 = rng.normal(size=(batch, dim)).astype(np.float32) * scale
+    # View 2 correlated with view 1, so the loss is far from its random value.
+    z2 = (z1 + noise * rng.normal(size=(batch, dim)) * scale).astype(np.float32)
+    return z1, z2
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5])
+@pytest.mark.parametrize("batch,dim", [(2, 3), (8, 16), (32, 128)])
+def test_nt_xent_matches_simclr(temperature, batch, dim):
+    z1, z2 = _views(batch * 7 + dim, batch, dim, scale=3.0, noise=2.0)
+    want, _, _ = simclr_contrastive_loss(z1, z2, temperature)
+    # A relative check means nothing near 0, where float32 cannot resolve it.
+    assert want > 0.1
+    got = jax.jit(losses.nt_xent)(z1, z2, temperature)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [4, 16, 64])
+def test_accuracy_matches_simclr(batch):
+    z1, z2 = _views(batch, batch, 8)
+    # Make a few pairs unrelated, so the accuracy is strictly between 0 and 1.
+    z2[: batch // 4] = np.random.default_rng(1).normal(size=(batch // 4, 8))
+    want_loss, logits_a, labels = simclr_contrastive_loss(z1, z2, 0.1)
+    want_acc = np.mean(np.argmax(logits_a[:, : len(z1)], 1) == np.argmax(labels, 1))
+    assert 0 < want_acc < 1
+    loss, acc = jax.jit(losses.nt_xent_with_accuracy)(z1, z2)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(acc), want_acc, atol=1e-7)
+
+
+def test_nt_xent_identical_views_gives_perfect_accuracy_and_scale_invariance():
+    z1, _ = _views(0, 16, 32)
+    loss, acc = losses.nt_xent_with_accuracy(z1, z1)
+    assert float(acc) == 1.0
+    # hidden_norm=True: rescaling a projection must not change the loss.
+    np.testing.assert_allclose(
+        float(losses.nt_xent(z1 * 5.0, z1)), float(loss), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_nt_xent_computes_in_float32_from_bfloat16():
+    z1, z2 = _views(3, 8, 16)
+    b1, b2 = jnp.asarray(z1, jnp.bfloat16), jnp.asarray(z2, jnp.bfloat16)
+    got = jax.jit(losses.nt_xent)(b1, b2)
+    want, _, _ = simclr_contrastive_loss(
+        np.asarray(b1.astype(jnp.float32)), np.asarray(b2.astype(jnp.float32)), 0.1
+    )
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    grads = jax.jit(jax.grad(losses.nt_xent))(b1, b2)
+    assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads.astype(jnp.float32))))
+
+
+def test_nt_xent_sharded_equals_single_device():
+    """Sharded over 8 devices, every replica must still see all negatives."""
+    assert jax.device_count() >= 8, "tests/conftest.py should give 8 fake CPU devices"
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    z1, z2 = _views(5, 32, 16, scale=2.0)
+
+    loss_and_grads = jax.value_and_grad(losses.nt_xent, argnums=(0, 1))
+    single_loss, single_grads = jax.jit(loss_and_grads)(z1, z2)
+    s1, s2 = jax.device_put(z1, sharding), jax.device_put(z2, sharding)
+    sharded_loss, sharded_grads = jax.jit(
+        loss_and_grads, out_shardings=(NamedSharding(mesh, P()), (sharding, sharding))
+    )(s1, s2)
+
+    assert len(s1.sharding.device_set) == 8
+    np.testing.assert_allclose(float(sharded_loss), float(single_loss), rtol=1e-6)
+    for got, want in zip(sharded_grads, single_grads, strict=True):
+        assert got.sharding.is_equivalent_to(sharding, 2)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    # A per-shard loss (negatives only from the local 4 rows) differs: the test
+    # above would catch an implementation that lost the cross-device negatives.
+    local = np.mean([simclr_contrastive_loss(z1[i::8], z2[i::8], 0.1)[0] for i in range(8)])
+    assert abs(local - float(single_loss)) > 0.1
+
+
+def test_nt_xent_rejects_bad_inputs():
+    z = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="same shape"):
+        losses.nt_xent(z, z[:2])
+    with pytest.raises(ValueError, match=r"\[batch, dim\]"):
+        losses.nt_xent(z[None], z[None])
+    with pytest.raises(ValueError, match="temperature"):
+        losses.nt_xent(z, z, temperature=0.0)
+
+
+def test_softmax_cross_entropy_matches_numpy_with_mask():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(10, 5)).astype(np.float32) * 3
+    labels = rng.integers(0, 5, size=10)
+    mask = np.array([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], np.float32)
+    per_example = -_log_softmax(logits.astype(np.float64))[np.arange(10), labels]
+    np.testing.assert_allclose(
+        float(losses.softmax_cross_entropy(logits, labels)), per_example.mean(), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(losses.softmax_cross_entropy(logits, labels, mask)),
+        per_example[mask > 0].mean(),
+        rtol=1e-6,
+    )
+    assert float(losses.softmax_cross_entropy(logits, labels, np.zeros(10))) == 0.0
+    # Padded examples get no gradient, and an all-padding batch no NaN.
+    grads = jax.jit(jax.grad(losses.softmax_cross_entropy))(logits, labels, mask)
+    assert np.all(np.asarray(grads)[mask == 0] == 0)
+    grads = jax.jit(jax.grad(losses.softmax_cross_entropy))(logits, labels, np.zeros(10))
+    assert np.all(np.asarray(grads) == 0)
+
+
+def test_softmax_cross_entropy_rejects_one_hot_labels():
+    logits = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="class indices"):
+        losses.softmax_cross_entropy(logits, np.eye(4, 3))
+    with pytest.raises(ValueError, match="integers"):
+        losses.softmax_cross_entropy(logits, np.zeros(4, np.float32))
+
+
+def _np_sigmoid_ce(logits, targets):
+    logits = logits.astype(np.float64)
+    return np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
+
+
+def test_sigmoid_cross_entropy_matches_numpy_with_mask():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 5)).astype(np.float32) * 2
+    targets = rng.integers(0, 2, size=(6, 5)).astype(np.float32)
+    mask = (rng.random((6, 5)) > 0.3).astype(np.float32)
+    # Uncertain labels ('ignore' policy): placeholder targets under mask 0.
+    targets_with_placeholders = np.where(mask > 0, targets, np.float32(np.nan))
+    per_entry = _np_sigmoid_ce(logits, targets)
+    np.testing.assert_allclose(
+        float(losses.sigmoid_cross_entropy(logits, targets)), per_entry.mean(), rtol=1e-6
+    )
+    got = losses.sigmoid_cross_entropy(logits, targets_with_placeholders, mask)
+    np.testing.assert_allclose(float(got), per_entry[mask > 0].mean(), rtol=1e-6)
+    grads = jax.jit(jax.grad(losses.sigmoid_cross_entropy))(logits, targets_with_placeholders, mask)
+    assert np.all(np.isfinite(grads)) and np.all(np.asarray(grads)[mask == 0] == 0)
+    # A per-example mask [batch] drops whole rows (padding).
+    rows = np.array([1, 0, 1, 1, 0, 1], np.float32)
+    np.testing.assert_allclose(
+        float(losses.sigmoid_cross_entropy(logits, targets, rows)),
+        per_entry[rows > 0].mean(),
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="mask must be"):
+        losses.sigmoid_cross_entropy(logits, targets, np.ones((6, 4)))
+
+
+def test_topk_correct_matches_numpy():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(50, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=50)
+    order = np.argsort(-logits, axis=1)
+    for k in (1, 3, 7):
+        want = np.array([labels[i] in order[i, :k] for i in range(50)], np.float32)
+        got = losses.topk_correct(logits, labels, k)
+        assert got.shape == (50,) and got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert float(losses.topk_correct(logits, labels, 7).mean()) == 1.0
+    with pytest.raises(ValueError, match="k=8"):
+        losses.topk_correct(logits, labels, 8)
