@@ -1,0 +1,1 @@
+"""Launchers: parameter sweeps (local, printed, XManager) over micle_jax.main runs."""

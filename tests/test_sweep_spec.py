@@ -1,0 +1,247 @@
+"""Tests for launch/sweep_spec.py (combinators, expansion, dependency order) and the sweep files."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from launch import sweep_spec
+from launch.sweep_spec import Stage, chain, product, select
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SWEEPS = REPO / "configs" / "sweeps"
+
+
+# ---------------------------------------------------------------- expansion
+
+
+def test_product_is_cartesian_with_first_axis_slowest():
+    runs = product(method=["simclr", "micle"], seed=[0, 1, 2])
+    assert runs == [{"method": m, "seed": s} for m in ("simclr", "micle") for s in (0, 1, 2)]
+
+
+def test_zip_pairs_elementwise_and_nests_in_product():
+    pairs = sweep_spec.zip(method=["supervised", "simclr"], init=["sup", "ssl"])
+    assert pairs == [{"method": "supervised", "init": "sup"}, {"method": "simclr", "init": "ssl"}]
+    runs = product(pairs, seed=[0, 1])
+    assert len(runs) == 4
+    assert runs[1] == {"method": "supervised", "init": "sup", "seed": 1}
+    both = chain(pairs, product(method=["micle"], init=["x"]))
+    assert [r["method"] for r in both] == ["supervised", "simclr", "micle"]
+
+
+def test_combinator_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"same length, got lengths \[2, 3\]"):
+        sweep_spec.zip(a=[1, 2], b=[1, 2, 3])
+    with pytest.raises(TypeError, match=r"write method=\['simclr'\]"):
+        product(method="simclr")
+    with pytest.raises(ValueError, match="'seed' is set by two"):
+        product(product(seed=[0]), seed=[1])
+
+
+def _stage(name="ft", **kw):
+    base = dict(
+        name=name,
+        run_name="ft_{method}_s{seed}",
+        config="configs/finetune_derm.py",
+        runs=product(method=["supervised", "simclr"], seed=[0, 1]),
+    )
+    return Stage(**{**base, **kw})
+
+
+def test_expand_builds_the_exact_command():
+    pre = Stage(
+        name="pre",
+        run_name="pre_{method}",
+        config="configs/simclr_medical.py",
+        config_arg="task=derm,arch={arch}",
+        runs=product(method=["simclr"], arch=["r50x1"]),
+    )
+    ft = _stage(
+        runs=product(method=["simclr"], label_fraction=[0.1], seed=[2]),
+        run_name="ft_{method}_f{label_fraction}_s{seed}",
+        overrides={"seed": "seed", "label_fraction": "data.label_fraction"},
+        fixed_overrides={"total_epochs": 5},
+        depends_on="pre_{method}",
+    )
+    pre_run, ft_run = sweep_spec.expand([pre, ft], "/r")
+    assert pre_run.args == (
+        "--config=configs/simclr_medical.py:task=derm,arch=r50x1",
+        "--workdir=/r/pre_simclr",
+    )
+    assert ft_run.name == "ft_simclr_f0.1_s2"
+    assert ft_run.command(["python", "-m", "micle_jax.main"]) == [
+        "python",
+        "-m",
+        "micle_jax.main",
+        "--config=configs/finetune_derm.py",
+        "--workdir=/r/ft_simclr_f0.1_s2",
+        "--config.seed=2",
+        "--config.data.label_fraction=0.1",
+        "--config.total_epochs=5",
+        "--config.init.checkpoint=/r/pre_simclr",
+    ]
+    assert ft_run.depends_on == "pre_simclr"
+
+
+def test_select_none_means_no_dependency():
+    pre = Stage(name="pre", run_name="pre_{method}", config="c.py", runs=product(method=["simclr"]))
+    ft = _stage(depends_on=select("method", supervised=None, simclr="pre_{method}"))
+    runs = {r.name: r for r in sweep_spec.expand([pre, ft], "/r")}
+    assert runs["ft_supervised_s0"].depends_on is None
+    assert not any("init.checkpoint" in a for a in runs["ft_supervised_s0"].args)
+    assert runs["ft_simclr_s1"].depends_on == "pre_simclr"
+    bad = _stage(depends_on=select("method", simclr="pre_simclr"))
+    with pytest.raises(
+        ValueError, match="stage 'ft', depends_on.*no choice for method='supervised'"
+    ):
+        sweep_spec.expand([pre, bad], "/r")
+
+
+def test_duplicate_run_names_are_an_error():
+    with pytest.raises(ValueError, match="duplicate run name 'ft_supervised'.*put the differing"):
+        sweep_spec.expand([_stage(run_name="ft_{method}")], "/r")
+
+
+def test_template_and_override_errors_name_the_parameter():
+    with pytest.raises(ValueError, match="needs 'arch'"):
+        sweep_spec.expand([_stage(config_arg="arch={arch}")], "/r")
+    with pytest.raises(ValueError, match="no such parameter.*'label_fraction'|'label_fraction'"):
+        sweep_spec.expand([_stage(overrides={"label_fraction": "data.label_fraction"})], "/r")
+    with pytest.raises(ValueError, match="not a valid folder name"):
+        sweep_spec.expand([_stage(run_name="ft/{method}_{seed}")], "/r")
+    with pytest.raises(ValueError, match="has no runs"):
+        sweep_spec.expand([_stage(runs=product(method=[]))], "/r")
+
+
+def test_missing_dependency_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"depends on 'pre_simclrr'.*did you mean \['pre_simclr'"):
+        sweep_spec.expand(
+            [
+                Stage(name="pre", run_name="pre_simclr", config="c.py", runs=[{}]),
+                _stage(depends_on="pre_simclrr"),
+            ],
+            "/r",
+        )
+
+
+def test_cycle_is_an_error_naming_its_runs():
+    a = Stage(name="a", run_name="a", config="c.py", runs=[{}], depends_on="b")
+    b = Stage(name="b", run_name="b", config="c.py", runs=[{}], depends_on="c")
+    c = Stage(name="c", run_name="c", config="c.py", runs=[{}], depends_on="b")
+    runs = sweep_spec.expand([a, b, c], "/r")
+    with pytest.raises(ValueError, match=r"cycle.*: b -> c -> b"):
+        sweep_spec.dependency_order(runs)
+
+
+def test_dependency_order_is_topological_and_otherwise_stable():
+    # Stages defined dependants first: the order must still put dependencies first.
+    ft = _stage(depends_on=select("method", supervised=None, simclr="pre_{method}"))
+    pre = Stage(
+        name="pre",
+        run_name="pre_{method}",
+        config="c.py",
+        runs=product(method=["simclr"]),
+        depends_on="base",
+    )
+    base = Stage(name="base", run_name="base", config="c.py", runs=[{}])
+    runs = sweep_spec.expand([ft, pre, base], "/r")
+    ordered = [r.name for r in sweep_spec.dependency_order(runs)]
+    assert ordered == [
+        "ft_supervised_s0",
+        "ft_supervised_s1",
+        "base",
+        "pre_simclr",
+        "ft_simclr_s0",
+        "ft_simclr_s1",
+    ]
+    position = {n: i for i, n in enumerate(ordered)}
+    for r in runs:
+        if r.depends_on:
+            assert position[r.depends_on] < position[r.name]
+
+
+# ---------------------------------------------------------------- sweep files
+
+
+def test_label_efficiency_sweep_matches_the_paper_grid():
+    stages = sweep_spec.load_sweep(f"{SWEEPS}/label_efficiency.py:task=chexpert,arch=r152x2")
+    runs = sweep_spec.expand(stages, "/r")
+    ft = [r for r in runs if r.stage == "finetune"]
+    # 3 methods x 10 label fractions (10%..90%, 100%) x 3 seeds.
+    assert len(ft) == 90
+    fractions = sorted({r.params["label_fraction"] for r in ft})
+    assert fractions == pytest.approx([0.1 * i for i in range(1, 11)])
+    assert len(runs) == 94  # + ImageNet SimCLR, ImageNet supervised, in-domain SimCLR, MICLe
+    by_name = {r.name: r for r in runs}
+    sup = by_name["ft_chexpert_supervised_r152x2_f0.3_s2"]
+    # The supervised model has no projection head: its fine-tuning copies the backbone only.
+    assert sup.args[0] == (
+        "--config=configs/finetune_chexpert.py:arch=r152x2,records=data/chexpert,init_proj_layers=0"
+    )
+    assert "--config.init.checkpoint=/r/imagenet_supervised_r152x2" in sup.args
+    micle = by_name["chexpert_micle_r152x2"]
+    # Chest X-rays: the no-blur 'cxr' augmentations (paper).
+    assert micle.args[0] == (
+        "--config=configs/micle_medical.py:arch=r152x2,augment=cxr,records=data/chexpert"
+    )
+    assert micle.depends_on == "imagenet_simclr_r152x2"
+    sweep_spec.dependency_order(runs)  # no cycle
+    local = sweep_spec.expand(sweep_spec.load_sweep(f"{SWEEPS}/label_efficiency.py:runlocal"), "/r")
+    assert all("runlocal=True" in r.args[0] for r in local)
+    assert len([r for r in local if r.stage == "finetune"]) == 3 * 2 * 2
+
+
+def test_sweep_arguments_are_checked():
+    for arg, message in [
+        ("task=cxr", "task='cxr'"),
+        ("arch=r18x1", "paper's architectures"),
+        ("methods=simclr+byol", "unknown \\['byol'\\]"),
+        ("fractions=0+1", "each must be in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sweep_spec.load_sweep(f"{SWEEPS}/label_efficiency.py:{arg}")
+
+
+def test_distribution_shift_sweep_evaluates_the_shifted_set_with_all_labels():
+    stages = sweep_spec.load_sweep(f"{SWEEPS}/distribution_shift.py:task=derm,methods=simclr")
+    runs = sweep_spec.expand(stages, "/r")
+    ft = [r for r in runs if r.stage == "finetune_shift"]
+    assert len(ft) == 3  # 1 method x 1 fraction x 3 seeds
+    for r in ft:
+        assert "shifted_eval=True" in r.args[0]
+        assert "--config.data.label_fraction=1.0" in r.args
+    by_name = {r.name: r for r in runs}
+    assert set(by_name) == {"imagenet_simclr_r50x1", "derm_simclr_r50x1"} | {r.name for r in ft}
+    # Dermatology pre-training uses SimCLR's augmentations, blur included (paper).
+    assert "augment=simclr" in by_name["derm_simclr_r50x1"].args[0]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "label_efficiency.py:task=derm,methods=supervised+simclr+micle+scratch,seeds=1",
+        "label_efficiency.py:task=chexpert,arch=r50x4,runlocal",
+        "distribution_shift.py:task=chexpert,arch=r152x2",
+        "distribution_shift.py:task=derm,runlocal",
+    ],
+)
+def test_sweep_commands_fit_the_real_configs(spec):
+    # Every config argument parses and every --config.KEY override names an existing
+    # field of the (locked) config: a mismatch would only show when a run starts.
+    configs = {}
+    for run in sweep_spec.expand(sweep_spec.load_sweep(f"{SWEEPS}/{spec}"), "/r"):
+        path, _, arg = run.args[0].removeprefix("--config=").partition(":")
+        if not (REPO / path).exists():
+            pytest.skip(f"{path} is not written yet")
+        if path not in configs:
+            module_spec = importlib.util.spec_from_file_location("config_under_test", REPO / path)
+            configs[path] = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(configs[path])
+        config = configs[path].get_config(arg or None)
+        for override in run.args[2:]:
+            key = override.removeprefix("--config.").partition("=")[0]
+            node = config
+            for part in key.split("."):
+                assert part in node, f"{run.name}: {path} has no field {key}"
+                node = node[part]
