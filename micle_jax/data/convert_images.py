@@ -1,0 +1,115 @@
+"""Decodes, checks and re-encodes the converter's images (PIL).
+
+8-bit grayscale or RGB PNG/JPEG files are copied byte for byte; everything else
+(16-bit PNG, palette, alpha, CMYK, arrays, or an image to be resized) is
+re-encoded as an 8-bit grayscale or RGB PNG, the two layouts every decoder
+downstream (tf.io.decode_image) reads alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from micle_jax.data.convert_inputs import ImageSpec, Problem
+
+SIXTEEN_BIT = ("min_max", "full_range")
+
+
+@dataclasses.dataclass
+class ImageOptions:
+    """How images are re-encoded. `resize_longer_side`: 0 keeps the size."""
+
+    resize_longer_side: int = 0
+    sixteen_bit: str = "min_max"
+
+
+def _read_image(spec: ImageSpec) -> tuple[bytes | None, Image.Image]:
+    """(the file's bytes or None for an array, the decoded image)."""
+    if spec.array is not None:
+        array = spec.array
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.dtype not in (np.uint8, np.uint16) or not (
+            array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)
+        ):
+            raise ValueError(
+                f"array image of shape {array.shape} and dtype {array.dtype}: expected "
+                "uint8 or uint16 [h, w], [h, w, 1] or [h, w, 3]"
+            )
+        return None, Image.fromarray(array)
+    with open(spec.file, "rb") as f:
+        data = f.read()
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decodes every pixel: truncated or corrupt files fail here
+    return data, image
+
+
+def _to_8bit(image: Image.Image, sixteen_bit: str) -> Image.Image:
+    """Grayscale 'L' or 'RGB', the two layouts every decoder downstream handles."""
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16-bit PNG (CR/DX exports): 'min_max' stretches each image's own range to
+        # 0..255 because 12-bit data in a 16-bit file would otherwise be nearly black;
+        # 'full_range' maps 0..65535 linearly, keeping intensities comparable.
+        pixels = np.asarray(image, np.float64)
+        low, high = (pixels.min(), pixels.max()) if sixteen_bit == "min_max" else (0.0, 65535.0)
+        scaled = (pixels - low) * (255.0 / max(high - low, 1e-12))
+        return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+    # Palette, alpha, 1-bit, CMYK, ...: alpha is dropped, not composited.
+    return image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
+
+
+def _kept_format(data: bytes | None, image: Image.Image, limit: int) -> str | None:
+    """The file's format if its bytes can be stored unchanged, else None."""
+    file_format = {"PNG": "png", "JPEG": "jpeg"}.get(image.format or "")
+    fits = not limit or max(image.size) <= limit  # never upscales
+    if data is not None and file_format and image.mode in ("L", "RGB") and fits:
+        return file_format
+    return None
+
+
+def encode_image(spec: ImageSpec, options: ImageOptions) -> tuple[bytes, str]:
+    """(encoded bytes, 'png' | 'jpeg') of one image, as stored in image/encoded.
+
+    An 8-bit grayscale or RGB PNG/JPEG that needs no resizing keeps its file's
+    bytes; anything else (16-bit, palette, alpha, arrays, resized) becomes PNG.
+    """
+    data, image = _read_image(spec)
+    limit = options.resize_longer_side
+    kept = _kept_format(data, image, limit)
+    if kept:
+        return data, kept
+    image = _to_8bit(image, options.sixteen_bit)
+    if limit and max(image.size) > limit:
+        scale = limit / max(image.size)
+        size = tuple(max(1, round(s * scale)) for s in image.size)
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)  # antialiased
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def check_image(spec: ImageSpec, options: ImageOptions) -> Problem | None:
+    """Decodes the image fully; a Problem if its file is missing or undecodable."""
+    where = dict(image_id=spec.image_id, file=spec.file, line=spec.line)
+    if spec.array is None and not os.path.isfile(spec.file):
+        return Problem("image file not found", **where)
+    try:
+        data, image = _read_image(spec)
+        if _kept_format(data, image, options.resize_longer_side):
+            # Bytes stored unchanged are decoded in training by TensorFlow, which is
+            # stricter than PIL (it rejects a PNG cut short after its pixel data).
+            tf.io.decode_image(data, expand_animations=False)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image to report
+        # TensorFlow wraps its message in '{{function_node ...}} ... [Op:DecodeImage]'.
+        message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", str(e)).strip()
+        return Problem(f"cannot decode image ({type(e).__name__}: {message})", **where)
+    return None
