@@ -29,6 +29,11 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, N).")
+_XLA_CACHE = flags.DEFINE_string(
+    "xla_cache_dir",
+    os.path.join(os.path.expanduser("~"), ".cache", "micle_jax", "xla"),
+    "Persistent XLA compilation cache ('' = off); $JAX_COMPILATION_CACHE_DIR wins.",
+)
 
 # Environment variables by which cluster launchers announce several processes;
 # JAX's own cluster detection then fills in the addresses.
@@ -61,6 +66,16 @@ def initialize_distributed() -> None:
         process_id=_PROCESS_ID.value,
     )
     logging.info("Process %d of %d", jax.process_index(), jax.process_count())
+
+
+def enable_compilation_cache() -> None:
+    """Reuses compiled steps across runs (a sweep compiles the same step many times)."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not _XLA_CACHE.value:
+        return
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -99,6 +114,7 @@ def main(argv):
         raise app.UsageError("--workdir=DIR is required")
     logging.set_verbosity(logging.INFO)
     _hide_accelerators_from_tf()
+    enable_compilation_cache()
     initialize_distributed()
     from micle_jax.trainers import harness
 
