@@ -1,0 +1,270 @@
+"""Tests for micle_jax/data/pipeline.py: determinism, exact resume, shares, pairs, padding."""
+
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+from fixtures import tiny_records
+
+from micle_jax.data import epochs, pipeline, records, sources
+
+# Cheap to trace but random (crop position, flip), so seeds matter in every test.
+AUGMENT = [("random_resized_crop", dict(area_range=(0.3, 1.0))), "flip_left_right"]
+SYNTHETIC = "synthetic:num_cases=10,num_classes=3,image_size=12,max_images_per_case=3"
+
+
+def data_config(source=SYNTHETIC, **overrides):
+    fields = dict(source=source, image_size=8, augment=AUGMENT, shuffle_buffer=16)
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def take(cfg, num_batches, **kwargs):
+    ds = pipeline.make_dataset(cfg, **kwargs)
+    return list(itertools.islice(ds.as_numpy_iterator(), num_batches))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return sources.get_source(SYNTHETIC).table("train", sources.Share())
+
+
+@pytest.fixture(scope="module")
+def record_set(tmp_path_factory):
+    path = tmp_path_factory.mktemp("records")
+    return tiny_records.write(path, tiny_records.make_cases([1, 2, 3, 1, 2, 3, 2]), num_shards=2)
+
+
+def test_simclr_batch_structure_and_resume_in_memory(table):
+    n = table.num_images  # epochs of n images; batch 4 crosses epoch boundaries
+    cfg = data_config()
+    steps = 2 * n // 4 + 1
+    run = take(cfg, steps, mode="simclr", global_batch_size=4, seed=3)
+    resumed = take(cfg, steps - 5, mode="simclr", global_batch_size=4, seed=3, start_step=5)
+    assert_same_batches(resumed, run[5:])
+    b = run[0]
+    assert b["view1"].shape == b["view2"].shape == (4, 8, 8, 3)
+    assert b["view1"].dtype == np.float32 and 0.0 <= b["view1"].min() <= b["view1"].max() <= 1.0
+    assert b["label"].dtype == np.int32 and not b["multi_instance"].any()
+    np.testing.assert_array_equal(b["image_id1"], b["image_id2"])
+    # Two views of one image differ (independent augmentation seeds).
+    assert not np.allclose(b["view1"], b["view2"])
+    # Each epoch is a permutation of all images; consecutive epochs differ in order.
+    ids = np.concatenate([x["image_id1"] for x in run])
+    assert sorted(ids[:n]) == sorted(table.image_ids)
+    assert sorted(ids[n : 2 * n]) == sorted(table.image_ids)
+    assert list(ids[:n]) != list(ids[n : 2 * n])
+    other_seed = take(cfg, 1, mode="simclr", global_batch_size=4, seed=4)
+    assert not np.array_equal(other_seed[0]["view1"], run[0]["view1"])
+
+
+def test_micle_resume_streamed_records(record_set):
+    cfg = data_config(record_set)
+    run = take(cfg, 8, mode="micle", global_batch_size=2, seed=0)
+    resumed = take(cfg, 3, mode="micle", global_batch_size=2, seed=0, start_step=5)
+    assert_same_batches(resumed, run[5:8])
+    # 7 cases: every case once per epoch, whatever the file order.
+    cases = np.concatenate([b["case_id"] for b in run])
+    assert sorted(cases[:7]) == [f"case{i:03d}".encode() for i in range(7)]
+    assert sorted(cases[7:14]) == sorted(cases[:7])
+
+
+def check_pairs(batches, case_sizes):
+    """MICLe pairs: same case, different images iff the case has several."""
+    seen = set()
+    for b in batches:
+        for case, id1, id2, multi in zip(
+            b["case_id"], b["image_id1"], b["image_id2"], b["multi_instance"], strict=True
+        ):
+            assert id1.startswith(case + b"/") and id2.startswith(case + b"/")
+            assert multi == (case_sizes[case] >= 2)
+            assert (id1 != id2) == (case_sizes[case] >= 2)
+            seen.add((id1, id2))
+    return seen
+
+
+def test_micle_pairs_in_memory(table):
+    sizes = dict(zip(table.case_ids, table.case_size, strict=True))
+    run = take(data_config(), 40, mode="micle", global_batch_size=5, seed=1)
+    seen = check_pairs(run, sizes)
+    # Random, not fixed: a 3-image case shows several of its 6 ordered pairs.
+    big = next(c for c, n in sizes.items() if n == 3)
+    assert len({p for p in seen if p[0].startswith(big + b"/")}) >= 4
+    fraction = np.mean([b["multi_instance"].mean() for b in run])
+    expected = np.mean([n >= 2 for n in sizes.values()])
+    assert abs(fraction - expected) < 1e-6  # 40 batches of 5 = 20 whole epochs of 10 cases
+
+
+def test_micle_pairs_from_records_cached_and_streamed(record_set):
+    path = record_set.partition(":")[2]
+    sizes = {f"case{i:03d}".encode(): n for i, n in enumerate([1, 2, 3, 1, 2, 3, 2])}
+    for cache in (False, True):
+        cfg = data_config(record_set, cache_decoded=cache)
+        check_pairs(take(cfg, 7, mode="micle", global_batch_size=2, seed=0), sizes)
+    assert pipeline.num_examples(data_config(record_set), "micle") == 7
+    assert pipeline.num_examples(data_config(record_set), "simclr") == 14
+    assert pipeline.get_info(data_config(record_set)).class_names == ["a", "b"]
+    assert records.load_info(path).splits["train"]["num_images"] == 14
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_process_shares_are_disjoint_and_cover_an_epoch(tmp_path, num_shards):
+    """By element (1 shard < 2 processes) and by file (3 shards): each image once."""
+    source = tiny_records.write(tmp_path, tiny_records.make_cases([2, 1, 3, 1, 2]), num_shards)
+    cfg = data_config(source, cache_decoded=num_shards == 3)
+    seen = []
+    for index in range(2):
+        n = epochs.num_units(
+            sources.get_source(source).counts("train", sources.Share(index, 2)), "simclr"
+        )
+        run = take(
+            cfg, n, mode="simclr", global_batch_size=2, seed=0, process_index=index, process_count=2
+        )
+        seen.append([i for b in run for i in b["image_id1"]])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(
+        f"case{c:03d}/img{j}".encode() for c, n in enumerate([2, 1, 3, 1, 2]) for j in range(n)
+    )
+
+
+def test_in_memory_shares_by_case(table):
+    seen = []
+    for index in range(2):
+        run = take(
+            data_config(),
+            5,
+            mode="micle",
+            global_batch_size=2,
+            seed=0,
+            process_index=index,
+            process_count=2,
+        )
+        seen.append([c for b in run for c in b["case_id"]])
+    assert sorted(seen[0] + seen[1]) == sorted(table.case_ids)
+
+
+def test_eval_padding_covers_each_image_once(table):
+    n = table.num_images
+    batches = list(
+        pipeline.make_dataset(
+            data_config(), mode="eval", global_batch_size=4, seed=0
+        ).as_numpy_iterator()
+    )
+    assert len(batches) == -(-n // 4)
+    mask = np.concatenate([b["mask"] for b in batches])
+    ids = np.concatenate([b["image_id"] for b in batches])
+    assert mask.sum() == n and (mask[:n] == 1).all()
+    assert list(ids[mask == 1]) == list(table.image_ids)  # the table's fixed order
+    assert (np.concatenate([b["image"] for b in batches])[mask == 0] == 0).all()
+    # Two processes: the same number of batches, together every image once.
+    per_process = [
+        list(
+            pipeline.make_dataset(
+                data_config(),
+                mode="eval",
+                global_batch_size=4,
+                seed=0,
+                process_index=i,
+                process_count=2,
+            ).as_numpy_iterator()
+        )
+        for i in range(2)
+    ]
+    assert len(per_process[0]) == len(per_process[1])
+    real = [
+        i
+        for p in per_process
+        for b in p
+        for i, m in zip(b["image_id"], b["mask"], strict=True)
+        if m
+    ]
+    assert sorted(real) == sorted(table.image_ids)
+
+
+def test_supervised_multiclass_skips_unlabelled_images():
+    images = np.arange(6 * 9 * 9, dtype=np.uint8).reshape(6, 9, 9)
+    labels = np.array([0, -1, 1, 2, -1, 1])
+    cfg = data_config(sources.from_arrays(images, labels), augment="none")
+    assert pipeline.num_examples(cfg, "supervised") == 4
+    run = take(cfg, 4, mode="supervised", global_batch_size=2, seed=0)
+    got = np.concatenate([b["label"] for b in run])
+    assert sorted(got[:4]) == [0, 1, 1, 2] and got.dtype == np.int32
+    assert run[0]["image"].shape == (2, 8, 8, 3) and "label_mask" not in run[0]
+
+
+@pytest.mark.parametrize("policy", ["ignore", "zeros", "ones"])
+def test_supervised_multilabel_uncertain_policy(policy):
+    u, m = records.UNCERTAIN, records.MISSING
+    multi = np.array([[1, 0, u, m], [u, u, 1, 0], [m, 1, 0, u]], np.float32)
+    images = np.zeros([3, 9, 9, 3], np.uint8)
+    cfg = data_config(sources.from_arrays(images, multi), augment="none", uncertain_policy=policy)
+    run = take(cfg, 1, mode="supervised", global_batch_size=3, seed=0)[0]
+    order = [int(i.decode().split("-")[1]) for i in run["case_id"]]  # case id = image index
+    # NumPy reference of CheXpert's U-Ignore / U-Zeros / U-Ones; blank = negative.
+    expected = (multi == 1) | ((multi == u) & (policy == "ones"))
+    mask = np.where((multi == u) & (policy == "ignore"), 0.0, 1.0)
+    np.testing.assert_array_equal(run["label"], expected[order].astype(np.float32))
+    np.testing.assert_array_equal(run["label_mask"], mask[order])
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_label_fraction_keeps_whole_cases(tmp_path, streamed):
+    sizes = [1, 2, 3, 2, 1, 3, 2, 2, 1, 3, 1, 2]  # 12 cases, classes alternate a/b
+    if streamed:
+        source = tiny_records.write(tmp_path, tiny_records.make_cases(sizes), num_shards=2)
+    else:
+        cases = tiny_records.make_cases(sizes)
+        images = [np.zeros([6, 6], np.uint8) for c in cases for _ in c["images"]]
+        labels = [label for c in cases for label in c["label_class"]]
+        ids = [c["case_id"] for c in cases for _ in c["images"]]
+        source = sources.from_arrays(np.stack(images), np.array(labels), ids)
+    cfg = data_config(source, label_fraction=0.5, augment="none")
+    assert pipeline.label_fraction_cases(data_config(source), seed=0) is None
+    kept = pipeline.label_fraction_cases(cfg, seed=7)
+    assert kept == pipeline.label_fraction_cases(cfg, seed=7)
+    assert kept != pipeline.label_fraction_cases(cfg, seed=8)
+    # Stratified: 3 of the 6 cases of each class.
+    assert len(kept) == 6 and sum(int(c[-1]) % 2 for c in kept) == 3
+    expected = sum(n for i, n in enumerate(sizes) if f"case{i:03d}" in kept)
+    assert pipeline.num_examples(cfg, "supervised", seed=7) == expected
+    assert pipeline.num_examples(cfg, "simclr", seed=7) == sum(sizes)  # pre-training: all
+    run = take(cfg, expected, mode="supervised", global_batch_size=1, seed=7)
+    assert sorted({b["case_id"][0].decode() for b in run}) == kept
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="shufle_buffer"):
+        pipeline.make_dataset(
+            data_config(shufle_buffer=3), mode="simclr", global_batch_size=2, seed=0
+        )
+    with pytest.raises(ValueError, match="mode='simclar'"):
+        pipeline.make_dataset(data_config(), mode="simclar", global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="multiple of process_count=2"):
+        pipeline.make_dataset(
+            data_config(),
+            mode="simclr",
+            global_batch_size=3,
+            seed=0,
+            process_index=0,
+            process_count=2,
+        )
+    with pytest.raises(ValueError, match="uncertain_policy"):
+        pipeline.num_examples(data_config(uncertain_policy="maybe"), "simclr")
+    with pytest.raises(ValueError, match="unknown augment policy 'fancy'"):
+        pipeline.make_dataset(
+            data_config(augment="fancy"), mode="simclr", global_batch_size=2, seed=0
+        )
+    with pytest.raises(ValueError, match="label_fraction=1.5"):
+        pipeline.num_examples(data_config(label_fraction=1.5), "supervised")
+    unlabelled = sources.from_arrays(np.zeros([2, 4, 4], np.uint8))
+    with pytest.raises(ValueError, match="needs labels"):
+        pipeline.num_examples(data_config(unlabelled), "supervised")
