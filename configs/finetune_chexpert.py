@@ -9,7 +9,7 @@ from the supervised ImageNet baseline (init=...,init_proj_layers=0) or from
 scratch.
 
   python -m micle_jax.main \
-      --config=configs/finetune_chexpert.py:arch=r50x1,init=/runs/micle_cxr_r50x1,shifted_eval=True \
+      --config=configs/finetune_chexpert.py:arch=r50x1,init=/runs/micle_cxr,shifted_eval=True \
       --workdir=/runs/ft_cxr_micle_r50x1
 
 CPU smoke run (synthetic multilabel images; no CheXpert data needed):
@@ -52,7 +52,9 @@ NIH_TO_CHEXPERT = {
     "Pneumothorax": "",
 }
 # runlocal: synthetic cases with 5 multilabel findings (some uncertain).
-SYNTHETIC = "synthetic:num_cases=96,num_classes=5,image_size=32,max_images_per_case=2,multilabel=True"
+SYNTHETIC = (
+    "synthetic:num_cases=96,num_classes=5,image_size=32,max_images_per_case=2,multilabel=True"
+)
 
 
 def get_config(arg=None):
@@ -69,7 +71,13 @@ def get_config(arg=None):
         runlocal=False,
     )
     config = config_lib.finetune_config(arg.arch)
-    config.data.source = f"records:{arg.records}"
+    source, shift_source = f"records:{arg.records}", f"records:{arg.shift_records}"
+    label_map = dict(NIH_TO_CHEXPERT)
+    if arg.runlocal and arg.records == RECORDS:
+        # The synthetic test split stands in for the shifted set.
+        source = shift_source = SYNTHETIC
+        label_map = {f"class_{i}": f"class_{i}" for i in range(len(CHEXPERT_CLASSES))}
+    config.data.source = source
     config.data.image_size = 224
     config.data.augment = "cxr"
     config.data.uncertain_policy = arg.uncertain
@@ -83,16 +91,8 @@ def get_config(arg=None):
     config.evals.test = dict(type="multilabel", data=dict(split="test"))
     if arg.shifted_eval:
         config.evals.shift_nih = dict(
-            type="multilabel",
-            data=dict(source=f"records:{arg.shift_records}", split="test"),
-            label_map=dict(NIH_TO_CHEXPERT),
+            type="multilabel", data=dict(source=shift_source, split="test"), label_map=label_map
         )
     if arg.runlocal:
-        if arg.records == RECORDS:
-            config.data.source = SYNTHETIC
-        if arg.shifted_eval:
-            # The synthetic test split stands in for the shifted set.
-            config.evals.shift_nih.data.source = config.data.source
-            config.evals.shift_nih.label_map = {f"class_{i}": f"class_{i}" for i in range(5)}
         config_lib.runlocal_finetune(config)
     return config

@@ -202,6 +202,9 @@ def pretrain_config(arch: str) -> ml_collections.ConfigDict:
             momentum=0.9,
             weight_decay=1e-4,
             eeta=1e-3,
+            # SimCLR tf2/model.py: the supervised head keeps weight decay but
+            # skips LARS's trust ratio (it would all but freeze a small head).
+            trust_ratio_exclude=("^head/",),
             nesterov=False,
             b1=0.9,
             b2=0.999,
@@ -276,6 +279,9 @@ def finetune_config(arch: str) -> ml_collections.ConfigDict:
             momentum=0.9,
             weight_decay=0.0,
             eeta=1e-3,
+            # SimCLR tf2/model.py: the supervised head keeps weight decay but
+            # skips LARS's trust ratio (it would all but freeze a small head).
+            trust_ratio_exclude=("^head/",),
             nesterov=False,
             b1=0.9,
             b2=0.999,

@@ -3,6 +3,7 @@
   'synthetic[:num_cases=256,num_classes=10,image_size=64,max_images_per_case=3]'
       generated in memory: class-dependent colour, stripes and a disk, plus
       noise; 1..max images per case so MICLe runs without any data.
+      ',multilabel=True' gives multilabel targets (for multilabel smoke runs).
   'records:PATH'          the case records of micle_jax.data.records.
   'tfds:NAME[?data_dir=DIR]'  a prepared TFDS dataset, one image per case.
   'arrays:PATH.npz'       MedMNIST-style {split}_images / {split}_labels.
@@ -235,19 +236,39 @@ def _npz_source(path: str) -> TableSource:
 
 
 def _synthetic_source(arg: str) -> TableSource:
-    options = config_lib.parse_arg(arg, **synthetic.DEFAULTS)
+    parsed = config_lib.parse_arg(arg, **synthetic.DEFAULTS, multilabel=False)
+    options = config_lib.parse_arg(None, **{k: parsed[k] for k in synthetic.DEFAULTS})
     synthetic.check_options(options)
     info = records.DatasetInfo(
         name="synthetic",
-        label_type="multiclass",
+        label_type="multilabel" if parsed.multilabel else "multiclass",
         class_names=[f"class_{i}" for i in range(options.num_classes)],
         splits={},
     )
+    make = _synthetic_multilabel_table if parsed.multilabel else synthetic.make_table
     tables = {
-        split: functools.partial(synthetic.make_table, split=split, **options.to_dict())
-        for split in records.SPLITS
+        split: functools.partial(make, split=split, **options.to_dict()) for split in records.SPLITS
     }
     return TableSource(info, tables)
+
+
+def _synthetic_multilabel_table(split: str, **options) -> ImageTable:
+    """The synthetic split with multilabel targets: each image is positive for its class.
+
+    For CPU smoke runs of multilabel tasks (configs/finetune_chexpert.py with
+    runlocal): one positive per image, the other findings negative, and some
+    labels UNCERTAIN or MISSING (CheXpert's conventions) so that the
+    uncertain-label policies and the label masks are exercised.
+    """
+    table = synthetic.make_table(split=split, **options)
+    num_classes = options["num_classes"]
+    multi = np.eye(num_classes, dtype=np.float32)[table.label_class]
+    index = np.arange(table.num_images)
+    multi[index % 5 == 0, (index[index % 5 == 0] + 1) % num_classes] = records.UNCERTAIN
+    multi[index % 7 == 0, (index[index % 7 == 0] + 2) % num_classes] = records.MISSING
+    return dataclasses.replace(
+        table, label_multi=multi, label_class=np.full_like(table.label_class, -1)
+    )
 
 
 def get_source(spec) -> Source:

@@ -27,6 +27,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
@@ -80,11 +81,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def _best_value(manager) -> tuple[int | None, float]:
     """(step, selection value) of the kept best checkpoint, or (None, -inf)."""
-    step = manager.latest_step()
+    step = manager.latest_step() if manager is not None else None
     if step is None:
         return None, -np.inf
-    import orbax.checkpoint as ocp
-
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     return step, float(meta.get("select_value", -np.inf))
 
@@ -101,14 +100,18 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info = pipeline.get_info(config.data)
     task = step_lib.make_task(config, info)
     kept_cases = pipeline.label_fraction_cases(config.data, seed=config.seed)
-    num_examples = pipeline.num_examples(config.data, "supervised")
+    num_examples = pipeline.num_examples(config.data, "supervised", seed=config.seed)
     if num_examples <= 0:
         raise ValueError(f"{config.data.source} split {config.data.split!r} has no labelled image")
     total_steps = config_lib.get_steps("total", config, num_examples, config.batch_size)
     warmup_steps = config_lib.get_steps("warmup", config, num_examples, config.batch_size, 0)
 
-    # --- Model and optimizer (frozen stages and unused projection layers masked). ---
+    # --- Model, then its evaluators: built (and so checked) before anything is written. ---
     model = step_lib.build_model(config, task)
+    evals = evaluators.build_evaluators(config, task, model, mesh)
+    select_eval, _, select_metric = config.select_best.partition("/")
+
+    # --- Optimizer and state (frozen stages and unused projection layers masked). ---
     schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.batch_size)
     abstract_params = jax.eval_shape(
         lambda: model.init(
@@ -127,14 +130,13 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.zero_init_head:
         state = state.replace(params=step_lib.zero_head(state.params))
 
-    # --- Evaluators: built (and so checked) before anything is written. ---
-    evals = evaluators.build_evaluators(config, task, model, mesh)
-    select_eval, _, select_metric = config.select_best.partition("/")
-
     # --- Checkpoints: resume, else init weights, else scratch. ---
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    best_manager = checkpoint.make_manager(os.path.join(workdir, BEST_DIR), 1, async_save=False)
+    best_manager = None
+    if config.select_best:
+        best_dir = os.path.join(workdir, BEST_DIR)
+        best_manager = checkpoint.make_manager(best_dir, 1, async_save=False)
     meta = {"global_batch_size": config.batch_size, "seed": config.seed, "trainer": "finetune"}
     state = harness.restore_or_init(
         state,
@@ -200,7 +202,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def keep_if_best(s, at_step: int, outputs) -> None:
         nonlocal best_step, best_value
-        if select_eval not in outputs:
+        if best_manager is None or select_eval not in outputs:
             return
         value = outputs[select_eval].get(select_metric)
         if np.isfinite(value) and value > best_value:
@@ -265,20 +267,29 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {}
 
     # --- Final evaluation: the final checkpoint, then the best one. ---
-    outputs, rows, artifacts = evaluators.run_evaluators(evals, variables_of(state), step, "final")
-    writer.write_scalars(step, evaluators.scalars(outputs, "final/"))
-    keep_if_best(state, step, outputs)
-    if best_step is not None:
-        if best_step == step:  # the final checkpoint is the best: same numbers
-            best_rows = [{**r, "checkpoint": "best"} for r in rows]
-            best_artifacts = {k[: -len("final")] + "best": v for k, v in artifacts.items()}
-        else:
-            best_state, _ = checkpoint.restore(best_manager, best_step, abstract_state)
-            _, best_rows, best_artifacts = evaluators.run_evaluators(
-                evals, variables_of(best_state), best_step, "best"
+    try:
+        outputs, rows, artifacts = evaluators.run_evaluators(
+            evals, variables_of(state), step, "final"
+        )
+        writer.write_scalars(step, evaluators.scalars(outputs, "final/"))
+        keep_if_best(state, step, outputs)
+        if best_step is not None:
+            if best_step == step:  # the final checkpoint is the best: same numbers
+                best_rows = [{**r, "checkpoint": "best"} for r in rows]
+                best_artifacts = {k[: -len("final")] + "best": v for k, v in artifacts.items()}
+            else:
+                best_state, _ = checkpoint.restore(best_manager, best_step, abstract_state)
+                _, best_rows, best_artifacts = evaluators.run_evaluators(
+                    evals, variables_of(best_state), best_step, "best"
+                )
+            rows += best_rows
+            artifacts.update(best_artifacts)
+            writer.write_scalars(
+                best_step, {f"best/{r['eval']}/{r['metric']}": r["value"] for r in best_rows}
             )
-        rows += best_rows
-        artifacts.update(best_artifacts)
+    except Exception as e:
+        harness.write_status(workdir, "failed", step=step, error=f"final evaluation: {e}")
+        raise
     results_path = base.write_results(workdir, config, rows, artifacts)
     final = evaluators.scalars(outputs)
     harness.write_status(
@@ -292,7 +303,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     writer.flush()
     manager.close()
-    best_manager.close()
+    if best_manager is not None:
+        best_manager.close()
     if is_main:
         logging.info("Done at step %d; results in %s", step, results_path)
     return final

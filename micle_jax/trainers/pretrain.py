@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from micle_jax import checkpoint, config_lib, losses, models, optim, sharding
+from micle_jax import checkpoint, config_lib, evaluators, losses, models, optim, sharding
 from micle_jax.data import pipeline
 from micle_jax.trainers import harness
 
@@ -127,6 +127,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model, tx, mesh, config.data.image_size, config.seed, config.mesh.shard_min_size
     )
 
+    # --- Monitoring evals on frozen features (config.evals: 'knn', 'linear_probe'). ---
+    evals = evaluators.build_evaluators(config, None, model, mesh) if config.get("evals") else {}
+
     # --- Checkpoints: resume, else init weights, else scratch. ---
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
@@ -215,6 +218,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last = summary
             if save_now:
                 checkpoint.save(manager, step, state, {**meta, "step": step})
+            due = [n for n, e in evals.items() if e.every_steps and step % e.every_steps == 0]
+            if due:
+                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                outputs, _, _ = evaluators.run_evaluators(evals, variables, step, names=due)
+                writer.write_scalars(step, evaluators.scalars(outputs))
             if stop:
                 logging.warning("Stopped at step %d by preemption; rerun to resume", step)
                 break

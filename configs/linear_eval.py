@@ -1,0 +1,54 @@
+r"""Linear evaluation: a linear head on frozen pre-trained features (SimCLR's protocol).
+
+SimCLR's linear evaluation (google-research/simclr README): train_mode=finetune
+with fine_tune_after_block=4 (the whole backbone frozen, its BatchNorm on
+running averages), the head on the backbone's features (ft_proj_selector=0),
+zero-initialised; momentum SGD, lr 0.1 x batch/256, weight decay 1e-6,
+batch 4096, 90 epochs, no warm-up; crop and flip only (no colour distortion).
+The task, data and evaluations are those of configs/finetune_{task}.py.
+
+  python -m micle_jax.main \
+      --config=configs/linear_eval.py:task=derm,arch=r50x1,init=/runs/micle_derm_r50x1 \
+      --workdir=/runs/linear_derm_micle_r50x1
+
+CPU smoke run: --config=configs/linear_eval.py:task=derm,runlocal=True
+
+Args: task (derm | chexpert), records, arch, init (the pre-training run;
+required unless runlocal), label_fraction, runlocal.
+"""
+
+from configs import finetune_chexpert, finetune_derm
+from micle_jax import config_lib
+
+TASKS = {"derm": finetune_derm, "chexpert": finetune_chexpert}
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(
+        arg, task="derm", records="", arch="r50x1", init="", label_fraction=1.0, runlocal=False
+    )
+    if arg.task not in TASKS:
+        raise ValueError(f"linear_eval: task={arg.task!r}; accepted: {', '.join(TASKS)}")
+    if not arg.init and not arg.runlocal:
+        raise ValueError(
+            "linear_eval needs init=WORKDIR of a pre-training run: a linear head on random "
+            "frozen features measures nothing"
+        )
+    task_arg = f"arch={arg.arch},init={arg.init},init_proj_layers=0"
+    task_arg += f",label_fraction={arg.label_fraction}"
+    if arg.records:
+        task_arg += f",records={arg.records}"
+    if arg.runlocal:
+        task_arg += ",runlocal=True"
+    config = TASKS[arg.task].get_config(task_arg)
+    config.model.fine_tune_after_block = 4
+    config.data.augment = "supervised"
+    config.data.augment_kwargs = dict(color_jitter_p=0.0)  # SimCLR: crop and flip only
+    config.optim.name = "momentum"
+    config.optim.base_lr = 0.1
+    config.optim.lr_scaling = "linear"
+    config.optim.weight_decay = 1e-6
+    if not arg.runlocal:
+        config.batch_size = 4096
+        config.total_epochs = 90.0
+    return config

@@ -1,0 +1,127 @@
+"""Multiclass evaluation: top-1/3/5 accuracy, per-class accuracy, confusion matrix.
+
+The dermatology task of Azizi et al. 2021 reports top-1 accuracy over 27
+classes (26 conditions + 'Other'); top-3 and top-5 are the usual companions
+for many-class dermatology. Every number gets a 95% bootstrap interval over
+cases (bootstrap.py).
+
+  config.evals.test = dict(type='classification', data=dict(split='test'))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from micle_jax.evaluators import base, bootstrap, metrics
+from micle_jax.evaluators.data import Context, EvalData, eval_seed
+
+EXTRA_FIELDS = ("bootstrap_samples", "topk")
+DEFAULT_TOPK = (3, 5)
+
+
+def classification_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    case_ids: Sequence,
+    class_names: Sequence[str],
+    weights: np.ndarray | None = None,
+    topk: Sequence[int] = DEFAULT_TOPK,
+    bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
+    seed: int = 0,
+) -> base.EvalOutput:
+    """Multiclass metrics with case-bootstrap confidence intervals.
+
+    Args:
+      logits: [n, classes] model outputs.
+      labels: [n] int classes in [0, classes).
+      case_ids: [n] case of each image (the bootstrap's unit).
+      class_names: [classes] names, for 'per_class_accuracy/<class>'.
+      weights: [n] 0/1 per image (0 leaves it out), or None.
+      topk: the k of the extra 'top<k>' metrics; k >= classes is skipped
+        (every example would count as correct).
+      bootstrap_samples: resamples for the intervals (0: no intervals).
+      seed: for the resampling.
+
+    Returns:
+      metrics 'accuracy', 'top<k>', 'per_class_accuracy/<class>' (classes with
+      examples); artifacts {'confusion_matrix': [classes, classes] counts
+      (rows true, columns predicted), 'class_names', 'num_images', 'num_cases'}.
+    """
+    logits = np.asarray(logits, np.float32)
+    labels = np.asarray(labels)
+    num_classes = logits.shape[1]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} logits")
+    base_w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
+    ks = sorted({int(k) for k in topk if 1 < int(k) < num_classes})
+    correct = [metrics.topk_correct(logits, labels, 1)] + [
+        metrics.topk_correct(logits, labels, k) for k in ks
+    ]
+    predictions = np.argmax(logits, axis=1)
+
+    def compute(w: np.ndarray) -> np.ndarray:
+        w = w * base_w
+        total = w.sum()
+        accs = [np.sum(w * c) / total if total > 0 else np.nan for c in correct]
+        matrix = metrics.confusion_matrix(labels, predictions, num_classes, w)
+        rows = matrix.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = np.where(rows > 0, np.diag(matrix) / np.where(rows > 0, rows, 1), np.nan)
+        return np.concatenate([accs, per_class])
+
+    values = compute(np.ones(len(labels)))
+    low, high = bootstrap.confidence_interval(compute, case_ids, bootstrap_samples, seed)
+    names = ["accuracy"] + [f"top{k}" for k in ks]
+    names += [f"per_class_accuracy/{c}" for c in class_names]
+    result = [
+        base.Metric(n, float(v), float(lo), float(hi))
+        for n, v, lo, hi in zip(names, values, low, high, strict=True)
+        if not np.isnan(v)
+    ]
+    matrix = metrics.confusion_matrix(labels, predictions, num_classes, base_w)
+    keep = base_w > 0
+    artifacts = {
+        "confusion_matrix": matrix.astype(np.int64).tolist(),
+        "class_names": list(class_names),
+        "num_images": int(keep.sum()),
+        "num_cases": len(set(np.asarray(case_ids, dtype=object)[keep].tolist())),
+    }
+    return base.EvalOutput(result, artifacts)
+
+
+class ClassificationEvaluator:
+    """config.evals.NAME = dict(type='classification', data=..., [label_map, topk, ...])."""
+
+    def __init__(self, name: str, entry: Mapping, ctx: Context):
+        base.check_fields(name, entry, EXTRA_FIELDS)
+        self.name = name
+        self.data = EvalData(name, entry, ctx)
+        self.label_map = self.data.check_labels("multiclass", entry.get("label_map"))
+        self.split, self.dataset = self.data.split, self.data.dataset
+        self.every_steps = int(entry.get("every_steps") or 0)
+        self.in_results = bool(entry.get("in_results", True))
+        self.topk = tuple(entry.get("topk") or DEFAULT_TOPK)
+        self.samples = int(
+            entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", 1000))
+        )
+        self.seed = eval_seed(ctx.config, name)
+        self.class_names = list(ctx.task.class_names)
+
+    def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
+        """Predicts the split and computes the metrics (`classification_metrics`)."""
+        pred = self.data.predict(variables, ("logits",))
+        labels, keep = self.label_map.multiclass(pred["label"])
+        if not keep.any():
+            raise ValueError(f"eval {self.name!r}: no image has a label that maps to the model")
+        return classification_metrics(
+            pred["logits"],
+            labels,
+            pred["case_id"],
+            self.class_names,
+            keep,
+            self.topk,
+            self.samples,
+            self.seed,
+        )

@@ -1,0 +1,125 @@
+"""k-nearest-neighbour accuracy on frozen features (monitoring pre-training).
+
+The weighted k-NN of Wu et al. 2018 (instance discrimination), also used by
+DINO to follow self-supervised training without training anything: features
+are L2-normalised, each test image's k most cosine-similar training images
+vote for their class with weight exp(similarity / T). k=20 and T=0.07 are
+DINO's defaults (not from the SimCLR or MICLe papers, which monitor with a
+linear probe).
+
+  config.evals.knn = dict(type='knn', every_steps=1000,
+      data=dict(source='records:data/demo/pneumoniamnist', split='test'),
+      train_data=dict(split='train'))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from micle_jax.evaluators import base
+from micle_jax.evaluators.classification import classification_metrics
+from micle_jax.evaluators.data import Context, EvalData, eval_seed
+
+EXTRA_FIELDS = ("train_data", "k", "temperature", "bootstrap_samples")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise unit vectors: [n, d] -> [n, d] float32 (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_scores(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """Class votes of the weighted k-NN classifier.
+
+    Args:
+      train_features: [m, d]; train_labels: [m] ints in [0, num_classes).
+      test_features: [n, d].
+      num_classes: number of classes.
+      k: neighbours (capped at m).
+      temperature: vote weight exp(cosine similarity / temperature).
+      chunk: test rows per similarity block (bounds memory to chunk * m).
+
+    Returns:
+      [n, num_classes] float32 vote totals (argmax = the prediction).
+    """
+    if not len(train_features):
+        raise ValueError("k-NN needs labelled training images; the train split has none")
+    train = l2_normalize(train_features)
+    test = l2_normalize(test_features)
+    k = min(k, len(train))
+    votes = np.zeros((len(test), num_classes), np.float32)
+    for start in range(0, len(test), chunk):
+        sims = test[start : start + chunk] @ train.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        weights = np.exp(np.take_along_axis(sims, top, axis=1) / temperature)
+        rows = np.repeat(np.arange(len(top)), k)
+        np.add.at(votes[start : start + chunk], (rows, train_labels[top].ravel()), weights.ravel())
+    return votes
+
+
+class KnnEvaluator:
+    """config.evals.NAME = dict(type='knn', data=..., train_data=..., [k, temperature])."""
+
+    def __init__(self, name: str, entry: Mapping, ctx: Context):
+        base.check_fields(name, entry, EXTRA_FIELDS)
+        self.name = name
+        self.data = EvalData(name, entry, ctx)
+        train_overrides = {"split": "train", **dict(entry.get("train_data") or {})}
+        self.train = EvalData(name, entry, ctx, data_override=train_overrides)
+        for part in (self.data, self.train):
+            if part.label_type != "multiclass":
+                raise ValueError(
+                    f"eval {name!r} (k-NN) needs multiclass labels; {part.config.source} split "
+                    f"{part.split!r} is {part.label_type!r}"
+                )
+        if self.train.info.class_names != self.data.info.class_names:
+            raise ValueError(
+                f"eval {name!r}: train_data classes {self.train.info.class_names} differ from "
+                f"the evaluated data's {self.data.info.class_names}"
+            )
+        self.split, self.dataset = self.data.split, self.data.dataset
+        self.every_steps = int(entry.get("every_steps") or 0)
+        self.in_results = bool(entry.get("in_results", True))
+        self.k = int(entry.get("k", 20))
+        self.temperature = float(entry.get("temperature", 0.07))
+        if self.k < 1 or self.temperature <= 0:
+            raise ValueError(f"eval {name!r}: k={self.k} must be >= 1 and temperature > 0")
+        self.samples = int(entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", 0)))
+        self.seed = eval_seed(ctx.config, name)
+
+    def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
+        """k-NN accuracy of the evaluated split against the train split's features."""
+        names = list(self.data.info.class_names)
+        train = self.train.predict(variables, ("features",))
+        test = self.data.predict(variables, ("features",))
+        labelled = train["label"] >= 0
+        votes = knn_scores(
+            train["features"][labelled],
+            train["label"][labelled],
+            test["features"],
+            len(names),
+            self.k,
+            self.temperature,
+        )
+        keep = (test["label"] >= 0).astype(np.float64)
+        return classification_metrics(
+            votes,
+            np.maximum(test["label"], 0),
+            test["case_id"],
+            names,
+            keep,
+            (5,),
+            self.samples,
+            self.seed,
+        )

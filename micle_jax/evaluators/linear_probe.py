@@ -1,0 +1,166 @@
+"""Linear probe on frozen features (monitoring pre-training).
+
+SimCLR measures representations by a linear classifier on frozen features.
+This evaluator fits one (features of the train split, eval crop, no
+augmentation) by full-batch Adam on the L2-regularised softmax (multiclass)
+or sigmoid (multilabel) loss of standardised features, then evaluates it on
+`data`. Much cheaper than SimCLR's 90-epoch linear evaluation
+(configs/linear_eval.py) and meant for curves during pre-training, not for
+reported numbers. The regularisation (1e-4) and 300 Adam steps are chosen,
+not published.
+
+  config.evals.probe = dict(type='linear_probe', every_steps=1000,
+      data=dict(source='records:data/demo/pneumoniamnist', split='test'))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from micle_jax import losses
+from micle_jax.evaluators import base
+from micle_jax.evaluators.classification import classification_metrics
+from micle_jax.evaluators.data import Context, EvalData, eval_seed
+from micle_jax.evaluators.multilabel import multilabel_metrics
+
+EXTRA_FIELDS = ("train_data", "l2", "steps", "bootstrap_samples")
+
+
+@functools.partial(jax.jit, static_argnames=("multilabel", "steps"))
+def _fit(x, y, mask, l2, multilabel: bool, steps: int):
+    num_classes = mask.shape[1] if multilabel else y.shape[1]
+    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+
+    def loss_fn(p):
+        logits = x @ p["w"] + p["b"]
+        if multilabel:
+            data = losses.sigmoid_cross_entropy(logits, y, mask)
+        else:
+            data = losses.softmax_cross_entropy(logits, jnp.argmax(y, 1), mask[:, 0])
+        return data + l2 * jnp.sum(p["w"] ** 2)
+
+    # Adam on standardised features converges in a few hundred full-batch
+    # steps; cheaper to compile than L-BFGS's line search.
+    opt = optax.adam(0.05)
+
+    def step(carry, _):
+        p, state = carry
+        value, grad = jax.value_and_grad(loss_fn)(p)
+        updates, state = opt.update(grad, state, p)
+        return (optax.apply_updates(p, updates), state), value
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return params
+
+
+def fit_linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    num_classes: int,
+    train_mask: np.ndarray | None = None,
+    l2: float = 1e-4,
+    steps: int = 300,
+) -> np.ndarray:
+    """Fits a linear classifier on standardised train features; scores the test features.
+
+    Args:
+      train_features: [m, d]; test_features: [n, d].
+      train_labels: [m] ints (multiclass, -1 = unlabelled) or [m, C] in {0, 1}
+        (multilabel).
+      num_classes: C.
+      train_mask: [m, C] multilabel label mask (0 = unknown); None for multiclass.
+      l2: weight of the squared-norm penalty on the weights.
+      steps: full-batch Adam steps.
+
+    Returns:
+      [n, C] float32 logits of the test features.
+    """
+    mean = train_features.mean(axis=0)
+    std = train_features.std(axis=0) + 1e-6
+    x = jnp.asarray((train_features - mean) / std, jnp.float32)
+    multilabel = train_labels.ndim == 2
+    if multilabel:
+        y = jnp.asarray(train_labels, jnp.float32)
+        mask = jnp.asarray(train_mask, jnp.float32)
+    else:
+        y = jax.nn.one_hot(np.maximum(train_labels, 0), num_classes)
+        mask = jnp.asarray((train_labels >= 0)[:, None], jnp.float32)
+    params = _fit(x, y, mask, jnp.float32(l2), multilabel, int(steps))
+    test = (test_features - mean) / std
+    return np.asarray(test @ np.asarray(params["w"]) + np.asarray(params["b"]), np.float32)
+
+
+class LinearProbeEvaluator:
+    """config.evals.NAME = dict(type='linear_probe', data=..., train_data=..., [l2, steps])."""
+
+    def __init__(self, name: str, entry: Mapping, ctx: Context):
+        base.check_fields(name, entry, EXTRA_FIELDS)
+        self.name = name
+        self.data = EvalData(name, entry, ctx)
+        train_overrides = {"split": "train", **dict(entry.get("train_data") or {})}
+        self.train = EvalData(name, entry, ctx, data_override=train_overrides)
+        for part in (self.data, self.train):
+            if part.label_type not in base.LABEL_TYPES:
+                raise ValueError(
+                    f"eval {name!r} (linear probe) needs labels; {part.config.source} split "
+                    f"{part.split!r} has label type {part.label_type!r}"
+                )
+        if (self.train.info.class_names, self.train.label_type) != (
+            self.data.info.class_names,
+            self.data.label_type,
+        ):
+            raise ValueError(
+                f"eval {name!r}: train_data classes {self.train.info.class_names} differ from "
+                f"the evaluated data's {self.data.info.class_names}"
+            )
+        self.split, self.dataset = self.data.split, self.data.dataset
+        self.every_steps = int(entry.get("every_steps") or 0)
+        self.in_results = bool(entry.get("in_results", True))
+        self.l2 = float(entry.get("l2", 1e-4))
+        self.steps = int(entry.get("steps", 300))
+        self.samples = int(entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", 0)))
+        self.seed = eval_seed(ctx.config, name)
+
+    def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
+        """Fits on the train split's features, evaluates on `data`."""
+        names = list(self.data.info.class_names)
+        train = self.train.predict(variables, ("features",))
+        test = self.data.predict(variables, ("features",))
+        multilabel = self.data.label_type == "multilabel"
+        logits = fit_linear_probe(
+            train["features"],
+            train["label"],
+            test["features"],
+            len(names),
+            train.get("label_mask") if multilabel else None,
+            self.l2,
+            self.steps,
+        )
+        if multilabel:
+            return multilabel_metrics(
+                logits,
+                test["label"],
+                test["label_mask"],
+                test["case_id"],
+                names,
+                self.samples,
+                self.seed,
+            )
+        keep = (test["label"] >= 0).astype(np.float64)
+        return classification_metrics(
+            logits,
+            np.maximum(test["label"], 0),
+            test["case_id"],
+            names,
+            keep,
+            (5,),
+            self.samples,
+            self.seed,
+        )

@@ -1,0 +1,188 @@
+"""Classification metrics in NumPy, on gathered predictions, with per-example weights.
+
+Every metric takes `weights` [n] (non-negative): 0 drops an example (padding,
+an unmapped label), and integer weights are how the case bootstrap
+(bootstrap.py) resamples patients without copying arrays. With unit weights
+each function equals its scikit-learn counterpart (tests/test_evaluators.py
+checks accuracy_score, top_k_accuracy_score, confusion_matrix and
+roc_auc_score on random data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n, np.float64)
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != (n,):
+        raise ValueError(f"weights must be [n]={n}; got shape {weights.shape}")
+    return weights
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be [n] integers; got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise ValueError(
+            f"label {int(bad[0])} is outside the class list [0, {num_classes}); the "
+            "evaluation data's labels do not match the model's classes"
+        )
+    return labels
+
+
+def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Whether each label is among the k highest scores.
+
+    Args:
+      scores: [n, classes] logits or probabilities.
+      labels: [n] integer classes in [0, classes).
+      k: 1 <= k; k >= classes makes every example correct.
+
+    Returns:
+      [n] bool.
+    """
+    scores = np.asarray(scores)
+    labels = _check_labels(labels, scores.shape[1])
+    if k < 1:
+        raise ValueError(f"top-k needs k >= 1; got {k}")
+    # A label is in the top k iff fewer than k classes score strictly higher;
+    # ties count in the example's favour, as scikit-learn's top_k_accuracy_score.
+    own = np.take_along_axis(scores, labels[:, None], axis=1)
+    return np.sum(scores > own, axis=1) < k
+
+
+def accuracy(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, k: int = 1
+) -> float:
+    """Weighted top-k accuracy.
+
+    Args:
+      scores: [n, classes]; labels: [n] ints; weights: [n] or None; k: top-k.
+
+    Returns:
+      sum(w * correct) / sum(w); NaN when the weights sum to 0.
+    """
+    w = _weights(weights, len(labels))
+    if w.sum() <= 0:
+        return float("nan")
+    return float(np.sum(w * topk_correct(scores, labels, k)) / w.sum())
+
+
+def confusion_matrix(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int, weights=None
+) -> np.ndarray:
+    """Weighted confusion matrix: rows true class, columns predicted class.
+
+    Args:
+      labels, predictions: [n] ints in [0, num_classes); weights: [n] or None.
+
+    Returns:
+      [num_classes, num_classes] float64 (counts when the weights are 1).
+    """
+    labels = _check_labels(labels, num_classes)
+    predictions = _check_labels(predictions, num_classes)
+    w = _weights(weights, len(labels))
+    matrix = np.zeros((num_classes, num_classes), np.float64)
+    np.add.at(matrix, (labels, predictions), w)
+    return matrix
+
+
+def per_class_accuracy(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-class top-1 accuracy (the recall of each class).
+
+    Args:
+      scores: [n, classes]; labels: [n] ints; weights: [n] or None.
+
+    Returns:
+      [classes] float64; NaN for a class without examples.
+    """
+    scores = np.asarray(scores)
+    matrix = confusion_matrix(labels, np.argmax(scores, axis=1), scores.shape[1], weights)
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(matrix) / np.where(totals > 0, totals, 1), np.nan)
+
+
+def roc_auc(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Weighted area under the ROC curve of one binary problem.
+
+    The probability that a random positive scores above a random negative,
+    ties counting one half (the Mann-Whitney statistic, equal to the trapezoidal
+    ROC area scikit-learn computes), each example counted `weight` times.
+
+    Args:
+      scores: [n] float; targets: [n] in {0, 1}; weights: [n] or None.
+
+    Returns:
+      AUC in [0, 1]; NaN when the weighted positives or negatives are 0.
+    """
+    scores = np.asarray(scores, np.float64)
+    targets = np.asarray(targets)
+    w = _weights(weights, len(scores))
+    pos_w = w * (targets > 0.5)
+    neg_w = w * (targets <= 0.5)
+    total_pos, total_neg = pos_w.sum(), neg_w.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    pos_w, neg_w = pos_w[order], neg_w[order]
+    # Group equal scores: a positive beats every negative of a lower score and
+    # half of the negatives with its own score.
+    starts = np.flatnonzero(np.r_[True, np.diff(sorted_scores) != 0])
+    group_pos = np.add.reduceat(pos_w, starts)
+    group_neg = np.add.reduceat(neg_w, starts)
+    neg_below = np.cumsum(group_neg) - group_neg
+    wins = np.sum(group_pos * (neg_below + 0.5 * group_neg))
+    return float(wins / (total_pos * total_neg))
+
+
+def multilabel_auc(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    label_mask: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-class ROC AUC of a multilabel problem.
+
+    Args:
+      scores: [n, classes] logits or probabilities.
+      targets: [n, classes] in {0, 1}.
+      label_mask: [n, classes], 0 where the label is unknown (ignored).
+      weights: [n] per-example weights or None.
+
+    Returns:
+      [classes] float64; NaN for a class without a (weighted) positive and negative.
+    """
+    scores = np.asarray(scores)
+    targets = np.asarray(targets)
+    if scores.ndim != 2 or targets.shape != scores.shape:
+        raise ValueError(
+            f"multilabel_auc: scores and targets must be [n, classes]; got {scores.shape} "
+            f"and {targets.shape}"
+        )
+    w = _weights(weights, scores.shape[0])
+    mask = np.ones_like(scores, np.float64) if label_mask is None else np.asarray(label_mask)
+    return np.array(
+        [roc_auc(scores[:, c], targets[:, c], w * (mask[:, c] > 0)) for c in range(scores.shape[1])]
+    )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax: [n, classes] -> [n, classes] probabilities (float32)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function (float32), stable for large |logits|."""
+    logits = np.asarray(logits, np.float64)
+    return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)

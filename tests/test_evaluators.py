@@ -1,0 +1,184 @@
+"""Evaluator metrics against scikit-learn, the case bootstrap, label maps, k-NN and probes."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from micle_jax.evaluators import base, bootstrap, metrics
+from micle_jax.evaluators.classification import classification_metrics
+from micle_jax.evaluators.knn import knn_scores
+from micle_jax.evaluators.linear_probe import fit_linear_probe
+from micle_jax.evaluators.multilabel import multilabel_metrics
+
+
+@pytest.fixture
+def multiclass_data():
+    rng = np.random.default_rng(0)
+    n, c = 300, 6
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(size=(n, c)) + 1.5 * np.eye(c)[labels]  # better than chance
+    return logits, labels
+
+
+def test_accuracy_topk_confusion_and_per_class_match_sklearn(multiclass_data):
+    logits, labels = multiclass_data
+    preds = logits.argmax(1)
+    assert metrics.accuracy(logits, labels) == pytest.approx(skm.accuracy_score(labels, preds))
+    for k in (1, 3, 5):
+        expected = skm.top_k_accuracy_score(labels, logits, k=k, labels=range(6))
+        assert metrics.accuracy(logits, labels, k=k) == pytest.approx(expected)
+    np.testing.assert_array_equal(
+        metrics.confusion_matrix(labels, preds, 6), skm.confusion_matrix(labels, preds)
+    )
+    np.testing.assert_allclose(
+        metrics.per_class_accuracy(logits, labels),
+        skm.recall_score(labels, preds, average=None),
+    )
+    # Weights are example counts: weight 2 == the example twice, 0 == absent.
+    w = np.random.default_rng(1).integers(0, 3, len(labels))
+    rep = np.repeat(np.arange(len(labels)), w)
+    assert metrics.accuracy(logits, labels, w) == pytest.approx(
+        skm.accuracy_score(labels[rep], preds[rep])
+    )
+
+
+def test_roc_auc_matches_sklearn_with_ties_and_weights():
+    rng = np.random.default_rng(2)
+    targets = rng.integers(0, 2, 500)
+    scores = np.round(rng.normal(size=500) + targets, 1)  # rounding makes ties
+    assert metrics.roc_auc(scores, targets) == pytest.approx(skm.roc_auc_score(targets, scores))
+    w = rng.integers(0, 4, 500).astype(float)
+    assert metrics.roc_auc(scores, targets, w) == pytest.approx(
+        skm.roc_auc_score(targets, scores, sample_weight=w)
+    )
+    assert np.isnan(metrics.roc_auc(scores, np.ones(500)))  # no negative: undefined
+
+
+def test_multilabel_auc_masks_unknown_labels():
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 2, (200, 3)).astype(np.float32)
+    scores = rng.normal(size=(200, 3)) + targets
+    mask = rng.random((200, 3)) > 0.3
+    aucs = metrics.multilabel_auc(scores, targets, mask)
+    for c in range(3):
+        keep = mask[:, c]
+        assert aucs[c] == pytest.approx(skm.roc_auc_score(targets[keep, c], scores[keep, c]))
+
+
+def test_bootstrap_resamples_cases_not_images():
+    # 20 cases of 10 identical images each: resampling images would make the
+    # interval of the mean far too narrow; by case it matches 20 draws.
+    case_ids = np.repeat(np.arange(20), 10)
+    values = np.repeat(np.random.default_rng(4).normal(size=20), 10)
+    low, high = bootstrap.confidence_interval(
+        lambda w: np.sum(w * values) / np.sum(w), case_ids, num_samples=2000, seed=0
+    )
+    case_values = values[::10]
+    rng = np.random.default_rng(5)
+    ref = [rng.choice(case_values, 20).mean() for _ in range(2000)]
+    ref_low, ref_high = np.percentile(ref, [2.5, 97.5])
+    assert low == pytest.approx(ref_low, abs=0.08) and high == pytest.approx(ref_high, abs=0.08)
+    assert low < values.mean() < high
+    # Reproducible per seed; every sample draws as many cases as there are.
+    again = bootstrap.confidence_interval(
+        lambda w: np.sum(w * values) / np.sum(w), case_ids, num_samples=2000, seed=0
+    )
+    assert (float(again[0]), float(again[1])) == (float(low), float(high))
+    index, num_cases = bootstrap.case_index(case_ids)
+    weights = bootstrap.bootstrap_weights(index, num_cases, 5, 0)
+    assert np.all(weights.sum(axis=1) == 200)
+    assert np.all(weights.reshape(5, 20, 10).std(axis=2) == 0)  # a case's images move together
+
+
+def test_classification_metrics_values_and_intervals(multiclass_data):
+    logits, labels = multiclass_data
+    names = [f"c{i}" for i in range(6)]
+    keep = np.ones(len(labels))
+    keep[:10] = 0  # e.g. labels a shifted dataset maps to no model class
+    out = classification_metrics(logits, labels, np.arange(len(labels)), names, keep, (3, 5), 200)
+    sk_acc = skm.accuracy_score(labels[10:], logits[10:].argmax(1))
+    assert out.get("accuracy") == pytest.approx(sk_acc)
+    assert out.get("top3") == pytest.approx(
+        skm.top_k_accuracy_score(labels[10:], logits[10:], k=3, labels=range(6))
+    )
+    for m in out.metrics:
+        assert m.ci_low <= m.value <= m.ci_high, m
+    assert {m.name for m in out.metrics} >= {"per_class_accuracy/c0", "top5"}
+    matrix = np.array(out.artifacts["confusion_matrix"])
+    assert matrix.sum() == len(labels) - 10
+    # Two classes: top-3/top-5 would always be 1, so they are left out.
+    two = classification_metrics(logits[:, :2], labels % 2, np.arange(len(labels)), ["a", "b"])
+    assert [m.name for m in two.metrics if m.name.startswith("top")] == []
+
+
+def test_multilabel_metrics_mean_of_defined_classes():
+    rng = np.random.default_rng(6)
+    targets = rng.integers(0, 2, (120, 3)).astype(np.float32)
+    logits = rng.normal(size=(120, 3)) + targets
+    mask = np.ones_like(targets)
+    mask[:, 2] = 0  # no labels for class 2 (e.g. not in the shifted dataset)
+    out = multilabel_metrics(logits, targets, mask, np.arange(120) // 2, ["a", "b", "c"], 100)
+    names = [m.name for m in out.metrics]
+    assert names == ["auc/a", "auc/b", "auc_mean"]
+    expected = [skm.roc_auc_score(targets[:, c], logits[:, c]) for c in range(2)]
+    assert out.get("auc_mean") == pytest.approx(np.mean(expected))
+    with pytest.raises(ValueError, match="no class has both"):
+        multilabel_metrics(logits, np.ones_like(targets), mask, np.arange(120), ["a", "b", "c"])
+
+
+def test_label_map_identity_shift_and_errors():
+    identity = base.LabelMap("test", "multiclass", ["a", "b"], ["a", "b"], None)
+    np.testing.assert_array_equal(identity.multiclass(np.array([1, 0]))[0], [1, 0])
+    with pytest.raises(ValueError, match="outside the class list"):
+        identity.multiclass(np.array([0, 2]))
+    np.testing.assert_array_equal(identity.multiclass(np.array([-1, 1]))[1], [0, 1])
+    with pytest.raises(ValueError, match="differ from the model's"):
+        base.LabelMap("test", "multiclass", ["a", "c"], ["a", "b"], None)
+    shift = base.LabelMap(
+        "shift",
+        "multilabel",
+        ["Effusion", "Hernia", "Edema"],
+        ["Edema", "Pleural Effusion"],
+        {"Effusion": "Pleural Effusion", "Hernia": "", "Edema": "Edema"},
+    )
+    labels = np.array([[1, 1, 0], [0, 0, 1]], np.float32)
+    out, mask = shift.multilabel(labels, np.ones_like(labels))
+    np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(mask, np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"\['Hernia'\]"):
+        base.LabelMap("s", "multilabel", ["Edema", "Hernia"], ["Edema"], {"Edema": "Edema"})
+    with pytest.raises(ValueError, match="not model classes"):
+        base.LabelMap("s", "multilabel", ["Edema"], ["Edema"], {"Edema": "Oedema"})
+    dropped = base.LabelMap("s", "multiclass", ["x", "y"], ["y"], {"x": "", "y": "y"})
+    labels, keep = dropped.multiclass(np.array([0, 1, 1]))
+    np.testing.assert_array_equal(keep, [0, 1, 1])
+    np.testing.assert_array_equal(labels[keep > 0], [0, 0])
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(7)
+    train = rng.normal(size=(50, 8))
+    train_labels = rng.integers(0, 3, 50)
+    test = rng.normal(size=(10, 8))
+    votes = knn_scores(train, train_labels, test, 3, k=5, temperature=0.1, chunk=4)
+    tn = train / np.linalg.norm(train, axis=1, keepdims=True)
+    for i, row in enumerate(test / np.linalg.norm(test, axis=1, keepdims=True)):
+        sims = tn @ row
+        top = np.argsort(-sims)[:5]
+        expected = np.zeros(3)
+        np.add.at(expected, train_labels[top], np.exp(sims[top] / 0.1))
+        np.testing.assert_allclose(votes[i], expected, rtol=1e-4)
+
+
+def test_linear_probe_learns_separable_classes():
+    rng = np.random.default_rng(8)
+    centers = rng.normal(size=(3, 16)) * 3
+    y_train, y_test = rng.integers(0, 3, 150), rng.integers(0, 3, 60)
+    x_train = centers[y_train] + rng.normal(size=(150, 16))
+    x_test = centers[y_test] + rng.normal(size=(60, 16))
+    logits = fit_linear_probe(x_train, y_train, x_test, 3, steps=300)
+    assert metrics.accuracy(logits, y_test) > 0.95
+    multi = np.eye(3)[y_train]
+    logits = fit_linear_probe(x_train, multi, x_test, 3, np.ones_like(multi), steps=300)
+    aucs = metrics.multilabel_auc(logits, np.eye(3)[y_test])
+    assert np.all(aucs > 0.95)

@@ -1,0 +1,397 @@
+"""Fine-tuning end to end on tiny configs: pre-train -> fine-tune -> evaluate.
+
+One tiny pre-training run (synthetic data, r18x0.25, 16 px) is shared by the
+module; the fine-tuning runs start from it.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from flax import traverse_util
+
+from micle_jax import checkpoint, config_lib, models
+from micle_jax.data import fractions, pipeline, records
+from micle_jax.trainers import finetune, harness, pretrain
+from micle_jax.trainers import supervised_step as step_lib
+
+SYNTHETIC = "synthetic:num_cases=48,num_classes=3,image_size=24,max_images_per_case=2"
+MULTILABEL_CLASSES = ["edema", "effusion"]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"eval", "metric", "value", "ci_low", "ci_high", "split", "dataset", "step"}
+
+
+def write_multilabel_records(path, class_names, num_cases=24, seed=0):
+    """A tiny multilabel record set: a class's positives brighten its own quadrant.
+
+    Returns the dataset folder. Every 7th label is UNCERTAIN, every 11th MISSING.
+    """
+    rng = np.random.default_rng(seed)
+    c = len(class_names)
+    info = records.DatasetInfo(
+        name=os.path.basename(path), label_type="multilabel", class_names=class_names, splits={}
+    )
+    k = 0
+    for split, n in (("train", num_cases), ("validation", num_cases // 2), ("test", num_cases)):
+        examples, sizes = [], []
+        for case in range(n):
+            num_images = 1 + case % 2
+            images, labels = [], []
+            for _ in range(num_images):
+                label = rng.integers(0, 2, c).astype(np.float32)
+                image = rng.integers(0, 60, (20, 20, 3)).astype(np.uint8)
+                for j in range(c):
+                    if label[j]:
+                        image[(j // 2) * 10 : (j // 2 + 1) * 10, (j % 2) * 10 :][:, :10] += 150
+                    k += 1
+                    if k % 7 == 0:
+                        label[j] = records.UNCERTAIN
+                    elif k % 11 == 0:
+                        label[j] = records.MISSING
+                images.append(tf.io.encode_png(image).numpy())
+                labels.append(label)
+            ids = [f"{split}-{case}-{i}" for i in range(num_images)]
+            example = records.make_case_example(
+                f"{split}-patient{case}",
+                images,
+                ids,
+                ["png"] * num_images,
+                label_multi=np.stack(labels),
+            )
+            examples.append(example.SerializeToString())
+            sizes.append(num_images)
+        shards = records.write_split(path, split, examples, num_shards=2)
+        info.splits[split] = records.make_split_info(shards, sizes)
+    records.write_info(path, info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Workdir of a 2-step tiny SimCLR pre-training run."""
+    workdir = tmp_path_factory.mktemp("pretrain")
+    config = config_lib.pretrain_config("r18x0.25")
+    config_lib.runlocal_pretrain(config)
+    config.total_steps = 2
+    config.batch_size = 8
+    config.checkpoint_every_steps = 2
+    config.data.source = SYNTHETIC
+    config.data.image_size = 16
+    # Monitoring pre-training on frozen features (the pretrain trainer's evals hook).
+    config.evals = dict(knn=dict(type="knn", every_steps=2, data=dict(split="test"), k=5))
+    config.lock()
+    pretrain.main(config, str(workdir))
+    return str(workdir)
+
+
+def scalar_tags(workdir):
+    tags = set()
+    for name in os.listdir(workdir):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+                tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def finetune_config(source=SYNTHETIC, init="", steps=4, evals="classification", **overrides):
+    config = config_lib.finetune_config("r18x0.25")
+    config.data.source = source
+    config.data.image_size = 16
+    config.data.cache_decoded = True
+    config.evals.validation = dict(type=evals, data=dict(split="validation"), every_steps=2)
+    config.evals.test = dict(type=evals, data=dict(split="test"))
+    config_lib.runlocal_finetune(config)
+    config.total_steps = steps
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    config.bootstrap_samples = 50
+    config.checkpoint_every_steps = 2
+    config.select_best = f"validation/{'accuracy' if evals == 'classification' else 'auc_mean'}"
+    config.init.checkpoint = init
+    for key, value in overrides.items():
+        parent = config
+        *path, leaf = key.split(".")
+        for part in path:
+            parent = parent[part]
+        parent[leaf] = value
+    config.lock()
+    return config
+
+
+def read_results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def flat(tree):
+    return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
+
+
+def test_trainable_mask_freezes_stages_and_unused_projection_layers():
+    model = models.build_model(config_lib.model_config("r18x0.25", num_classes=3))
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)), train=False)
+    )["params"]
+    full = traverse_util.flatten_dict(step_lib.trainable_mask(params, -1, 1), sep="/")
+    assert all(v for k, v in full.items() if k.startswith(("backbone/", "head/")))
+    assert all(
+        full[k] for k in full if k.startswith(("projection_head/dense1", "projection_head/bn1"))
+    )
+    assert not any(full[k] for k in full if k.startswith("projection_head/dense2"))
+    linear = traverse_util.flatten_dict(step_lib.trainable_mask(params, 4, 0), sep="/")
+    assert {k for k, v in linear.items() if v} == {"head/dense/kernel", "head/dense/bias"}
+    partial = traverse_util.flatten_dict(step_lib.trainable_mask(params, 2, 0), sep="/")
+    assert not any(v for k, v in partial.items() if k.startswith("backbone/block_group2/"))
+    assert all(v for k, v in partial.items() if k.startswith("backbone/block_group3/"))
+    zeroed = step_lib.zero_head(jax.tree.map(lambda p: np.ones(p.shape, p.dtype), params))
+    assert np.all(zeroed["head"]["dense"]["kernel"] == 0)
+
+
+@pytest.mark.slow
+def test_pretraining_logs_knn_accuracy_of_frozen_features(pretrained):
+    assert {"knn/accuracy", "knn/per_class_accuracy/class_0"} <= scalar_tags(pretrained)
+
+
+@pytest.mark.slow
+def test_init_copies_backbone_and_first_projection_layer(pretrained):
+    """SimCLR's ft_proj_selector=1: the weights harness.weight_prefixes names exist and copy."""
+    loaded = checkpoint.load_variables(pretrained)
+    model = models.build_model(config_lib.model_config("r18x0.25", num_classes=3))
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(1), np.zeros((1, 16, 16, 3)), train=False)
+    )
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
+    prefixes = harness.weight_prefixes(config_lib.finetune_config("r18x0.25").init)
+    merged, copied = checkpoint.merge_variables(target, loaded, prefixes)
+    assert any("projection_head/dense1" in c for c in copied)
+    src, out = flat(loaded["params"]), flat(merged["params"])
+    for name in out:
+        if name.startswith(("backbone/", "projection_head/dense1", "projection_head/bn1")):
+            np.testing.assert_array_equal(out[name], src[name])
+        elif name.startswith(("projection_head/dense2", "head/")):
+            assert not np.any(out[name]), name  # left to the fresh initialisation
+
+
+@pytest.mark.slow
+def test_linear_eval_multiclass_end_to_end(pretrained, tmp_path):
+    """Pre-train -> linear eval (frozen backbone) on 50% of the cases -> results.json."""
+    workdir = str(tmp_path / "linear")
+    config = finetune_config(
+        init=pretrained,
+        **{
+            "model.fine_tune_after_block": 4,
+            "init.init_proj_layers": 0,
+            "data.label_fraction": 0.5,
+            "optim.name": "momentum",
+            "optim.base_lr": 0.05,
+        },
+    )
+    final = finetune.main(config, workdir)
+    assert 0.0 <= final["test/accuracy"] <= 1.0
+    status = harness.read_status(workdir)
+    assert status["status"] == "finished" and status["step"] == 4
+
+    # The frozen backbone (weights and BatchNorm statistics) is the pre-trained one.
+    before = checkpoint.load_variables(pretrained)
+    after = checkpoint.load_variables(workdir)
+    for collection in ("params", "batch_stats"):
+        src, out = flat(before[collection]), flat(after[collection])
+        for name in (n for n in out if n.startswith("backbone/")):
+            np.testing.assert_array_equal(out[name], src[name], err_msg=name)
+    assert not np.allclose(flat(after["params"])["head/dense/kernel"], 0)
+
+    # Label fraction: whole cases, reproducible, written to the workdir.
+    kept = fractions.read_cases(workdir)
+    assert kept == pipeline.label_fraction_cases(config.data, seed=config.seed)
+    assert len(kept) == pytest.approx(48 * 0.5, abs=3)
+
+    # results.json: the agreed format, final and best checkpoints, intervals.
+    results = read_results(workdir)
+    assert results["workdir"] == workdir and results["config"]["data"]["label_fraction"] == 0.5
+    rows = results["results"]
+    assert {r["checkpoint"] for r in rows} == {"final", "best"}
+    for row in rows:
+        assert RESULT_KEYS <= set(row)
+        assert row["ci_low"] <= row["value"] <= row["ci_high"], row
+    test_final = {
+        r["metric"]: r for r in rows if r["eval"] == "test" and r["checkpoint"] == "final"
+    }
+    assert test_final["accuracy"]["split"] == "test" and test_final["accuracy"]["step"] == 4
+    assert {"accuracy", "per_class_accuracy/class_0"} <= set(test_final)
+    matrix = np.array(results["artifacts"]["test/final"]["confusion_matrix"])
+    test_data = config.data.copy_and_resolve_references()
+    test_data.split = "test"
+    assert matrix.shape == (3, 3) and matrix.sum() == pipeline.num_examples(test_data, "eval")
+    assert os.path.isdir(os.path.join(workdir, finetune.BEST_DIR))
+
+    # Rerunning a finished run resumes at its last step, keeps its best
+    # checkpoint (read back from WORKDIR/best) and writes the same results.
+    assert finetune.main(config, workdir) == final
+    assert read_results(workdir)["results"] == rows
+
+    # --mode=eval on the final checkpoint reproduces the run's final numbers.
+    eval_dir = str(tmp_path / "eval_final")
+    finetune.evaluate_checkpoint(config, eval_dir, workdir)
+    again = read_results(eval_dir)["results"]
+    expected = [r for r in rows if r["checkpoint"] == "final"]
+    assert sorted(again, key=str) == sorted(expected, key=str)
+    # ... and on the best checkpoint, the run's best numbers.
+    best_dir = str(tmp_path / "eval_best")
+    finetune.evaluate_checkpoint(config, best_dir, os.path.join(workdir, finetune.BEST_DIR))
+    again = read_results(best_dir)["results"]
+    expected = [r for r in rows if r["checkpoint"] == "best"]
+    assert sorted(again, key=str) == sorted(expected, key=str)
+
+    # Nothing is overwritten: evaluating into a workdir with results is an error.
+    before_bytes = open(os.path.join(eval_dir, "results.json"), "rb").read()
+    with pytest.raises(ValueError, match="already exists"):
+        finetune.evaluate_checkpoint(config, eval_dir, workdir)
+    assert open(os.path.join(eval_dir, "results.json"), "rb").read() == before_bytes
+
+    # A checkpoint whose head does not match the config's classes.
+    other = finetune_config(source=SYNTHETIC.replace("num_classes=3", "num_classes=4"))
+    with pytest.raises(ValueError, match="head differs"):
+        finetune.evaluate_checkpoint(other, str(tmp_path / "bad_head"), workdir)
+    wider = finetune_config(**{"model.width": 0.5})
+    with pytest.raises(ValueError, match="backbone differs"):
+        finetune.evaluate_checkpoint(wider, str(tmp_path / "bad_backbone"), workdir)
+    assert not os.path.exists(tmp_path / "bad_head" / "results.json")
+
+
+@pytest.mark.slow
+def test_full_finetune_multilabel_with_shift_end_to_end(pretrained, tmp_path):
+    """Pre-train -> full fine-tuning (multilabel, from projection layer 1) -> AUCs + shift."""
+    cxr = write_multilabel_records(str(tmp_path / "cxr"), MULTILABEL_CLASSES)
+    # A shifted dataset with its own label names: one maps onto each model class,
+    # one is left out.
+    nih = write_multilabel_records(
+        str(tmp_path / "nih"), ["Effusion", "Hernia", "Edema"], num_cases=16, seed=1
+    )
+    config = finetune_config(
+        source=f"records:{cxr}",
+        init=pretrained,
+        evals="multilabel",
+        **{"data.uncertain_policy": "ones", "data.augment": "cxr"},
+    )
+    with config.unlocked():
+        config.evals.shift_nih = dict(
+            type="multilabel",
+            data=dict(source=f"records:{nih}", split="test"),
+            label_map={"Effusion": "effusion", "Hernia": "", "Edema": "edema"},
+        )
+    workdir = str(tmp_path / "ft")
+    final = finetune.main(config, workdir)
+    assert 0.0 <= final["test/auc_mean"] <= 1.0
+    rows = read_results(workdir)["results"]
+    shift = {r["metric"]: r for r in rows if r["eval"] == "shift_nih" and r["checkpoint"] == "best"}
+    assert set(shift) <= {"auc/edema", "auc/effusion", "auc_mean"} and "auc_mean" in shift
+    assert shift["auc_mean"]["dataset"] == "nih" and shift["auc_mean"]["split"] == "test"
+    test = {r["metric"]: r["value"] for r in rows if r["eval"] == "test"}
+    assert np.isclose(test["auc_mean"], np.mean([test["auc/edema"], test["auc/effusion"]]))
+    task = json.load(open(os.path.join(workdir, "task_info.json")))
+    assert task["label_type"] == "multilabel" and task["class_names"] == MULTILABEL_CLASSES
+
+
+def test_bad_input_stops_before_writing(tmp_path, pretrained):
+    workdir = tmp_path / "never"
+    mismatch = finetune_config(**{"model.num_classes": 5})
+    with pytest.raises(ValueError, match="num_classes=5 but .* 3 classes"):
+        finetune.main(mismatch, str(workdir))
+    wrong_type = finetune_config(evals="multilabel")
+    with pytest.raises(ValueError, match="use type classification"):
+        finetune.main(wrong_type, str(workdir))
+    other_classes = finetune_config()
+    with other_classes.unlocked():
+        other_classes.evals.test.data.source = SYNTHETIC.replace("num_classes=3", "num_classes=4")
+    with pytest.raises(ValueError, match="differ from the model's"):
+        finetune.main(other_classes, str(workdir))
+    bad_select = finetune_config(select_best="nope/accuracy")
+    with pytest.raises(ValueError, match="'nope'"):
+        finetune.main(bad_select, str(workdir))
+    unlabelled = finetune_config(source=f"records:{REPO / 'data/demo/hannover_cxr'}")
+    with pytest.raises(ValueError, match="needs labels"):
+        finetune.main(unlabelled, str(workdir))
+    assert not workdir.exists()
+
+
+def test_empty_evaluation_split_is_an_error(tmp_path):
+    path = write_multilabel_records(str(tmp_path / "cxr"), MULTILABEL_CLASSES, num_cases=4)
+    # Rewrite the test split with no case at all.
+    info = records.load_info(path)
+    for name in os.listdir(path):
+        if name.startswith("test-"):
+            os.remove(os.path.join(path, name))
+    info.splits["test"] = records.make_split_info(records.write_split(path, "test", [], 1), [])
+    records.write_info(path, info)
+    config = finetune_config(source=f"records:{path}", evals="multilabel")
+    with pytest.raises(ValueError, match="test"):
+        finetune.main(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def load_config(path, arg):
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.lock()
+    return config
+
+
+@pytest.mark.parametrize(
+    "path,arg",
+    [
+        ("configs/finetune_derm.py", "arch=r50x4,label_fraction=0.2,shifted_eval=True"),
+        ("configs/finetune_derm.py", "runlocal=True"),
+        ("configs/finetune_chexpert.py", "arch=r152x2,shifted_eval=True,uncertain=ones"),
+        ("configs/finetune_chexpert.py", "runlocal=True,shifted_eval=True"),
+        ("configs/linear_eval.py", "task=chexpert,init=/runs/micle"),
+        ("configs/linear_eval.py", "task=derm,runlocal=True"),
+        ("configs/supervised_imagenet.py", "arch=r50x1"),
+        ("configs/supervised_imagenet.py", "runlocal=True"),
+    ],
+)
+def test_configs_build_with_the_published_values(path, arg):
+    config = load_config(path, arg)
+    assert config.trainer == "finetune" and config.data.mode == "supervised"
+    finetune.check_config(config)  # select_best names a periodic eval, batch splits
+    runlocal = "runlocal" in arg
+    if "linear_eval" in path:  # SimCLR's linear evaluation
+        assert config.model.fine_tune_after_block == 4 and config.model.head_input == 0
+        assert (config.optim.name, config.optim.base_lr) == ("momentum", 0.1)
+        assert runlocal or config.batch_size == 4096
+    elif "supervised" in path:
+        assert config.model.proj_layers == 0 and config.model.head_input == 0
+    else:  # SimCLR v2's fine-tuning from projection layer 1
+        assert config.model.head_input == config.init.init_proj_layers == 1
+        assert (config.optim.name, config.optim.base_lr, config.optim.lr_scaling) == (
+            "lars",
+            0.005,
+            "sqrt",
+        )
+        assert runlocal or (config.batch_size, config.total_epochs) == (1024, 60.0)
+    if "label_fraction=0.2" in arg:
+        assert config.data.label_fraction == 0.2
+    if "chexpert" in path and runlocal:  # synthetic multilabel stand-in for CheXpert
+        info = pipeline.get_info(config.data)
+        assert (info.label_type, info.num_classes) == ("multilabel", 5)
+    if "shifted_eval" in arg:
+        shift = [n for n in config.evals if n.startswith("shift")]
+        assert len(shift) == 1
+        if "chexpert" in path and not runlocal:
+            label_map = config.evals[shift[0]].label_map
+            assert sorted(v for v in label_map.values() if v) == sorted(
+                ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+            )
+    with pytest.raises(AttributeError):
+        config.evals.test.misspelled_field = 1  # locked: no silent additions
+
+
+def test_linear_eval_needs_a_pretrained_init():
+    with pytest.raises(ValueError, match="init=WORKDIR"):
+        load_config("configs/linear_eval.py", "task=derm")
