@@ -14,9 +14,14 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+DEMO_ROOT ?= workdirs/demo
+
+# The whole recipe at toy scale on the embedded real chest X-rays (README: Demo).
+# Rerunning skips finished runs and resumes interrupted ones.
 demo: $(STAMP)
-	$(PY) -m micle_jax.main --config=configs/simclr_imagenet.py:arch=r18x1,runlocal=True \
-	  --workdir=workdirs/demo_simclr
+	$(PY) -m launch.sweep --sweep=configs/sweeps/demo.py --root=$(DEMO_ROOT) \
+	  --executor=local --parallel=2
+	$(PY) -m micle_jax.report --root=$(DEMO_ROOT) --show=split=test,checkpoint=best,metric=accuracy
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -79,7 +79,8 @@ def resolve(path: str) -> pathlib.Path:
     Accepts WORKDIR (latest step), WORKDIR/checkpoints (latest step),
     WORKDIR/checkpoints/<step> or WORKDIR/checkpoints/<step>/state.
     """
-    p = pathlib.Path(path).expanduser()
+    # Absolute: Orbax reads no metadata through a relative path.
+    p = pathlib.Path(path).expanduser().absolute()
     if not p.exists():
         raise FileNotFoundError(
             f"checkpoint path {p} does not exist; give a training workdir or one of its "
@@ -103,8 +104,17 @@ def resolve(path: str) -> pathlib.Path:
 def load_variables(path: str) -> dict:
     """Loads {'params': ..., 'batch_stats': ...} of a checkpoint as host numpy trees."""
     state_dir = resolve(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        raw = ckptr.restore(state_dir)
+    # Restored as host numpy arrays: the checkpoint may come from another
+    # topology (a TPU pod for stage 1, a GPU box for stage 2).
+    with ocp.PyTreeCheckpointer() as ckptr:
+        metadata = ckptr.metadata(state_dir).item_metadata
+        if metadata is None:
+            raise ValueError(
+                f"{state_dir} has no readable Orbax metadata: not a finished checkpoint"
+            )
+        tree = metadata.tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        raw = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     if not isinstance(raw, dict) or "params" not in raw:
         raise ValueError(f"{state_dir} is not a micle_jax train state (no 'params')")
     logging.info("Loaded weights from %s", state_dir)

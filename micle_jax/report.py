@@ -288,7 +288,16 @@ def write_report(root: str, out: str | None = None) -> dict:
     write_csv(paths[1], summary, params)
     paths += report_plots.plot_label_efficiency(summary, params, out)
     paths += report_plots.plot_distribution_shift(summary, params, out)
-    return dict(table=table, paths=paths, problems=problems, summary=summary)
+    return dict(table=table, paths=paths, problems=problems, summary=summary, params=params)
+
+
+def select_rows(summary: list[dict], show: str) -> list[dict]:
+    """The summary rows matching every 'key=value' of `show` (comma-separated; '' = all)."""
+    wanted = [item.split("=", 1) for item in show.split(",") if item.strip()]
+    for item in wanted:
+        if len(item) != 2:
+            raise ValueError(f"--show={show!r}: expected key=value pairs such as split=test")
+    return [r for r in summary if all(str(r.get(k.strip())) == v.strip() for k, v in wanted)]
 
 
 def main(argv: Sequence[str]) -> int:
@@ -301,7 +310,16 @@ def main(argv: Sequence[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
         return 1
-    print(report["table"])
+    if flags.FLAGS.show:
+        rows = select_rows(report["summary"], flags.FLAGS.show)
+        if not rows:
+            print(f"error: no result matches --show={flags.FLAGS.show!r}")
+            return 1
+        params = [k for k in report["params"] if any(k in r for r in rows)]
+        print(markdown_table(rows, params), end="")
+        print(f"({len(rows)} of {len(report['summary'])} rows; all of them in results.md)\n")
+    else:
+        print(report["table"])
     for problem in report["problems"]:
         print(f"problem: {problem}")
     for path in report["paths"]:
@@ -314,4 +332,7 @@ if __name__ == "__main__":
     # micle_jax.report, which must not define the flags a second time.
     flags.DEFINE_string("root", None, "Sweep folder: ROOT/<run>/results.json.")
     flags.DEFINE_string("out", None, "Where to write the report (default ROOT/report).")
+    flags.DEFINE_string(
+        "show", "", "Print only rows matching key=value,... (e.g. split=test,metric=accuracy)."
+    )
     app.run(main)

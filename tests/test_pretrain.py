@@ -108,8 +108,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     jax.tree.map(np.testing.assert_array_equal, good, kept)
 
 
-def test_init_checkpoint_copies_backbone_only(tmp_path):
-    pretrain.main(tiny_config(steps=3), str(tmp_path / "stage1"))
+def test_init_checkpoint_copies_backbone_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative init path, as sweeps pass it
+    pretrain.main(tiny_config(steps=3), "stage1")
     config = tiny_config()
     model = models.build_model(config_lib.model_config("r18x0.25", num_classes=4))
     tx = optax.sgd(0.1)
@@ -124,7 +125,7 @@ def test_init_checkpoint_copies_backbone_only(tmp_path):
         shardings,
         manager,
         {},
-        str(tmp_path / "stage1"),
+        "stage1",
         harness.weight_prefixes(ml_collections.ConfigDict(dict(init_proj_layers=1))),
     )
     s1 = final_params(tmp_path / "stage1")
