@@ -24,21 +24,6 @@ SimCLR ImageNet values are used and exposed.
 
 from micle_jax import config_lib
 
-DEMO_RECORDS = "data/demo/hannover_cxr"
-
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(
-        arg, records="", arch="r50x1", init="", augment="cxr", runlocal=False
-    )
-    config = config_lib.pretrain_config(arg.arch)
-    config.data.source = (
-        f"records:{arg.records}" if arg.records else "records:data/demo/hannover_cxr"
-    )
-    config.data.mode = "micle"
-    config.data.augment = arg.augment
-    config.init.checkpoint = arg.init
-    if arg.runlocal:
-        config_lib.runlocal_pretrain(config)
-        config.data.cache_decoded = True
-    return config
+    return config_lib.medical_pretrain_config(arg, mode="micle")

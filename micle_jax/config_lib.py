@@ -219,6 +219,29 @@ def pretrain_config(arch: str) -> ml_collections.ConfigDict:
     return config
 
 
+DEMO_PRETRAIN_RECORDS = "data/demo/hannover_cxr"
+
+
+def medical_pretrain_config(arg: str | None, mode: str) -> ml_collections.ConfigDict:
+    """Stage-2 config (configs/simclr_medical.py, configs/micle_medical.py).
+
+    Args:
+      arg: 'records=DIR,arch=...,init=STAGE1,augment=cxr|simclr,runlocal=True'
+        (records defaults to the embedded demo data).
+      mode: 'simclr' or 'micle' (config.data.mode).
+    """
+    arg = parse_arg(arg, records="", arch="r50x1", init="", augment="cxr", runlocal=False)
+    config = pretrain_config(arg.arch)
+    config.data.source = f"records:{arg.records or DEMO_PRETRAIN_RECORDS}"
+    config.data.mode = mode
+    config.data.augment = arg.augment
+    config.init.checkpoint = arg.init
+    if arg.runlocal:
+        runlocal_pretrain(config)
+        config.data.cache_decoded = True
+    return config
+
+
 def runlocal_pretrain(config: ml_collections.ConfigDict) -> None:
     """Shrinks a pre-training config in place to a CPU smoke run (seconds, not days)."""
     config.batch_size = 16

@@ -34,7 +34,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from micle_jax import checkpoint, config_lib, evaluators, optim, sharding
 from micle_jax.data import fractions, pipeline
 from micle_jax.evaluators import base
-from micle_jax.trainers import harness, pretrain
+from micle_jax.trainers import harness
 from micle_jax.trainers import supervised_step as step_lib
 
 BEST_DIR = "best"
@@ -228,10 +228,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 config.checkpoint_every_steps, step, total_steps
             )
             if log_now or save_now:
-                bad = harness.first_bad_step([(s, m["finite"]) for s, m in pending])
-                if bad is not None:
-                    raise harness.NonFiniteLoss(harness.nonfinite_message(bad, manager))
-                summary = pretrain._mean_measurements([m for _, m in pending])
+                summary = harness.drain_measurements(pending, manager)
                 pending = []
                 if log_now:
                     writer.write_scalars(step, summary)

@@ -219,6 +219,27 @@ def first_bad_step(pending: list[tuple[int, jax.Array]]) -> int | None:
     return None
 
 
+def drain_measurements(pending: list[tuple[int, dict]], manager) -> dict[str, float]:
+    """Means of the measurements of `pending` steps, after checking they are finite.
+
+    Called before every log line and every checkpoint, so only finite states
+    are ever saved. One device fetch for all the steps since the last call.
+
+    Args:
+      pending: [(step, measurements dict with a 'finite' flag)], not empty.
+      manager: the CheckpointManager, to name the last good checkpoint.
+
+    Raises:
+      NonFiniteLoss: naming the first non-finite step.
+    """
+    bad = first_bad_step([(step, m["finite"]) for step, m in pending])
+    if bad is not None:
+        raise NonFiniteLoss(nonfinite_message(bad, manager))
+    fetched = jax.device_get([m for _, m in pending])
+    keys = [k for k in fetched[0] if k != "finite"]
+    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+
+
 def nonfinite_message(step: int, manager) -> str:
     """The message of a run stopped by a non-finite loss, naming the last good checkpoint."""
     good = manager.latest_step()

@@ -15,7 +15,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
@@ -208,10 +207,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             if log_now or save_now:
                 # Only finite states are ever checkpointed.
-                bad = harness.first_bad_step([(s, m["finite"]) for s, m in pending])
-                if bad is not None:
-                    raise harness.NonFiniteLoss(harness.nonfinite_message(bad, manager))
-                summary = _mean_measurements([m for _, m in pending])
+                summary = harness.drain_measurements(pending, manager)
                 pending = []
             if log_now:
                 writer.write_scalars(step, summary)
@@ -240,13 +236,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Done: %s at step %d. Checkpoints: %s", status, step, manager.directory)
     manager.close()
     return {k: float(v) for k, v in last.items()}
-
-
-def _mean_measurements(items: list[dict]) -> dict[str, float]:
-    """Means of the per-step measurements since the last log (one device fetch)."""
-    fetched = jax.device_get(items)
-    keys = [k for k in fetched[0] if k != "finite"]
-    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict:
