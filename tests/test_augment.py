@@ -199,6 +199,48 @@ def test_custom_op_list_and_registered_op():
         del augment.OPS["invert_for_test"]
 
 
+def test_policy_draws_every_uniform_in_one_call_and_slices_in_op_order():
+    crop = make_op("random_resized_crop", size=16, area_range=(0.5, 1.0))
+    jitter = make_op("color_jitter")  # defaults, as the policy's
+    flip = make_op("flip_left_right")
+    policy = augment.get_policy(
+        [("random_resized_crop", dict(area_range=(0.5, 1.0))), "color_jitter", "flip_left_right"],
+        16,
+    )
+    assert policy.num_uniforms == crop.num_uniforms + jitter.num_uniforms + flip.num_uniforms
+    assert (crop.num_uniforms, jitter.num_uniforms, flip.num_uniforms) == (202, 9, 1)
+    image = tf.constant(rgb_image())
+    for s in range(4):
+        seed = tf.constant([s, 3])
+        u = op_base.draw_uniforms(seed, policy.num_uniforms)
+        expected = flip.apply(jitter.apply(crop.apply(image, u[:202]), u[202:211]), u[211:])
+        np.testing.assert_allclose(policy(image, seed), expected, atol=1e-6)
+    # A leading slice of a draw is the shorter draw (Philox is counter-based),
+    # so an op called on its own with the seed reads the policy's first uniforms.
+    seed = tf.constant([7, 3])
+    np.testing.assert_array_equal(
+        op_base.draw_uniforms(seed, 202), op_base.draw_uniforms(seed, 212)[:202]
+    )
+    alone = augment.get_policy([("random_resized_crop", dict(area_range=(0.5, 1.0)))], 16)
+    np.testing.assert_allclose(crop(image, seed), alone(image, seed), atol=1e-6)
+
+
+def test_plain_function_op_gets_its_own_seed():
+    @augment.register_op("seed_probe_for_test")
+    def make_probe():
+        # Fills the view with a uniform drawn from the seed the op receives.
+        return lambda image, seed: image * 0.0 + op_base.uniform(seed, 0.0, 1.0)
+
+    try:
+        policy = augment.get_policy(["resize", "flip_left_right", "seed_probe_for_test"], 4)
+        seed = tf.constant([5, 6])
+        expected = op_base.uniform(op_base.sub_seed(seed, 2), 0.0, 1.0)
+        np.testing.assert_allclose(policy(rgb_image(), seed), np.full((4, 4, 3), expected))
+        assert policy.num_uniforms == 1  # resize draws none, the flip one, the plain op none
+    finally:
+        del augment.OPS["seed_probe_for_test"]
+
+
 @pytest.mark.parametrize(
     "call,match",
     [

@@ -57,9 +57,11 @@ def test_jitter_matches_numpy_reference_with_random_order(channels):
     orders = set()
     for s in range(12):
         seed = tf.constant([s, 8])
-        b = op_base.uniform(op_base.sub_seed(seed, 0), 0.2, 1.8).numpy()
-        c = op_base.uniform(op_base.sub_seed(seed, 1), 0.2, 1.8).numpy()
+        # The op's uniforms: one parameter per transform, then the order keys.
+        u = op_base.draw_uniforms(seed, color.JITTER_UNIFORMS).numpy()
+        b, c = 0.2 + 1.6 * u[0], 0.2 + 1.6 * u[1]
         keys = color.jitter_order(seed).numpy()
+        np.testing.assert_array_equal(keys, u[4:8])
 
         def brightness(x, b=b):
             return np.clip(x * b, 0, 1)
@@ -134,8 +136,8 @@ def test_full_jitter_matches_numpy_reference(impl):
     orders = set()
     for s in range(6):
         seed = tf.constant([s, 9])
-        params = [op_base.uniform(op_base.sub_seed(seed, i), 0.6, 1.4).numpy() for i in range(3)]
-        params.append(op_base.uniform(op_base.sub_seed(seed, 3), -0.1, 0.1).numpy())
+        u = op_base.draw_uniforms(seed, color.JITTER_UNIFORMS).numpy()
+        params = [0.6 + 0.8 * u[i] for i in range(3)] + [-0.1 + 0.2 * u[3]]
         steps = [
             lambda x, b: x * b,
             lambda x, c: (x - x.mean(axis=(0, 1))) * c + x.mean(axis=(0, 1)),

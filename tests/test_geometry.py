@@ -118,15 +118,38 @@ def test_rotated_crop_turns_the_sampled_box():
     # Whole-image box at the same size: the view is the bar turned by the op's angle.
     bar = bar_image()
     op = make_op("random_rotated_crop", size=41, area_range=(1.0, 1.0), aspect_ratio_range=(1, 1))
+    slot = geometry.rotated_crop_layout()["angle"]
+    assert op.num_uniforms == slot + 3  # the box's, angle, rotation coin, flip coin
     for s in range(5):
         seed = tf.constant([s, 5])
-        angle = geometry.sample_rotation_angle(op_base.sub_seed(seed, 3), 45.0).numpy()
+        u = op_base.draw_uniforms(seed, op.num_uniforms)
+        angle = geometry.rotation_angle(u[slot], 45.0).numpy()
         out = op(tf.constant(bar), seed).numpy()[..., 0]
         assert abs(principal_angle(out) - angle) < 1.5
     angles = map_over_seeds(
-        lambda s: geometry.sample_rotation_angle(op_base.sub_seed(s, 3), 45.0), n=200
+        lambda s: geometry.rotation_angle(op_base.draw_uniforms(s, op.num_uniforms)[slot], 45.0),
+        n=200,
     )
-    assert np.abs(angles).max() <= 45.0
+    assert np.abs(angles).max() <= 45.0 and angles.min() < -40 and angles.max() > 40
+
+
+def test_rotated_crop_flip_is_fused_and_fair():
+    # Whole image, no rotation: the view is the bilinear resize or its mirror.
+    image = tf.constant(rgb_image(30, 30))
+    op = make_op(
+        "random_rotated_crop",
+        size=30,
+        area_range=(1.0, 1.0),
+        aspect_ratio_range=(1, 1),
+        max_degrees=0.0,
+        flip_p=0.5,
+    )
+    flips = map_over_seeds(
+        lambda s: tf.reduce_max(tf.abs(op(image, s) - image[:, ::-1])) < 1e-5, n=400
+    )
+    same = map_over_seeds(lambda s: tf.reduce_max(tf.abs(op(image, s) - image)) < 1e-5, n=400)
+    assert (flips | same).all()
+    assert abs(flips.mean() - 0.5) < binomial_tolerance(0.5, 400)
 
 
 def test_rotated_crop_without_rotation_is_a_bilinear_resized_crop():

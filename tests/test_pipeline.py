@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from fixtures import tiny_records
 
-from micle_jax.data import epochs, pipeline, records, sources
+from micle_jax.data import epochs, pairs, pipeline, records, sources
 
 # Cheap to trace but random (crop position, flip), so seeds matter in every test.
 AUGMENT = [("random_resized_crop", dict(area_range=(0.3, 1.0))), "flip_left_right"]
@@ -114,6 +114,24 @@ def test_micle_pairs_from_records_cached_and_streamed(record_set):
     assert pipeline.num_examples(data_config(record_set), "simclr") == 14
     assert pipeline.get_info(data_config(record_set)).class_names == ["a", "b"]
     assert records.load_info(path).splits["train"]["num_images"] == 14
+
+
+def test_pick_two_is_uniform_over_ordered_pairs_of_different_images():
+    import tensorflow as tf
+
+    seeds = tf.data.Dataset.range(1200).map(lambda i: tf.stack([i, tf.constant(9, tf.int64)]))
+    for n in (1, 2, 3, 5):
+        got = np.array(list(seeds.map(lambda s, n=n: tf.stack(pairs.pick_two(tf.constant(n), s)))))
+        if n == 1:
+            assert (got == 0).all()  # SimCLR fallback: two views of the one image
+            continue
+        assert (got[:, 0] != got[:, 1]).all() and got.min() >= 0 and got.max() < n
+        counts = np.zeros((n, n))
+        np.add.at(counts, (got[:, 0], got[:, 1]), 1)
+        expected = len(got) / (n * (n - 1))
+        off_diagonal = counts[~np.eye(n, dtype=bool)]
+        # 4 binomial standard deviations per ordered pair.
+        assert np.abs(off_diagonal - expected).max() < 4 * np.sqrt(expected)
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])

@@ -8,11 +8,14 @@ A policy turns one decoded image and a stateless seed into one view:
 
 It is a pure function of (image, seed), built only from `tf.random.stateless_*`
 ops, so it gives the same view eagerly and inside `tf.data.Dataset.map`, and
-the input pipeline is reproducible from (seed, step). Each op gets its own seed
-`stateless_fold_in(seed, position)`.
+the input pipeline is reproducible from (seed, step). The uniforms of all the
+ops (`op_base.RandomOp.num_uniforms` each) are drawn from the seed in one
+random op and sliced in op order; an op that is a plain function gets its own
+seed `stateless_fold_in(seed, position)`.
 
 Ops (big_vision style registry, `OPS`): a factory `make(**kwargs)` that checks
-its arguments and returns `op(image, seed) -> image`:
+its arguments and returns `op(image, seed) -> image` (built-in ops return an
+`op_base.RandomOp`):
   geometry.py  random_resized_crop, random_rotated_crop, center_crop, resize,
                flip_left_right, rotate
   color.py     color_jitter, grayscale, to_gray
@@ -150,6 +153,11 @@ class Policy:
                 f"image_size={image_size}; add one of {', '.join(sizing)}"
             )
 
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms drawn per view: the sum over the policy's RandomOps."""
+        return sum(fn.num_uniforms for fn in self._fns if isinstance(fn, op_base.RandomOp))
+
     def __repr__(self):
         return f"Policy(image_size={self.image_size}, ops={self.ops})"
 
@@ -171,11 +179,17 @@ class Policy:
         """
         image = _check_image(image)
         seed = _check_seed(seed)
+        uniforms = op_base.draw_uniforms(seed, self.num_uniforms)
+        start = 0
         for position, fn in enumerate(self._fns):
-            image = fn(image, op_base.sub_seed(seed, position))
+            if isinstance(fn, op_base.RandomOp):
+                image = fn.apply(image, uniforms[start : start + fn.num_uniforms])
+                start += fn.num_uniforms
+            else:
+                image = fn(image, op_base.sub_seed(seed, position))
         image = op_base.to_unit_float(image)
         if image.shape[-1] == 1:
-            image = tf.image.grayscale_to_rgb(image)
+            image = op_base.gray_to_rgb(image)
         return tf.ensure_shape(image, [self.image_size, self.image_size, 3])
 
 
@@ -312,7 +326,8 @@ def cxr(
     random resized crop over a narrower area range (0.25-1: our choice, the
     paper's is not known) turned by up to +-45 degrees in the same
     resampling (random_rotated_crop: black fill only where the turned box
-    leaves the image), horizontal flip, brightness and contrast jitter of
+    leaves the image) and mirrored left-right with probability flip_p, in
+    the same resampling (a fused flip_left_right), brightness and contrast jitter of
     strength 0.5 (no saturation/hue: X-rays are gray). The view has 3
     identical channels.
     """
@@ -326,9 +341,9 @@ def cxr(
                 max_degrees=max_degrees,
                 p=rotate_p,
                 fill_mode=fill_mode,
+                flip_p=flip_p,
             ),
         ),
-        ("flip_left_right", dict(p=flip_p)),
         (
             "color_jitter",
             dict(strength=color_jitter_strength, p=color_jitter_p, saturation=0.0, hue=0.0),

@@ -48,8 +48,11 @@ def blur_matrix(size, kernel: tf.Tensor, radius) -> tf.Tensor:
 
 
 def sample_blur_sigma(seed: tf.Tensor, sigma_range) -> tf.Tensor:
-    """The blur's sigma in pixels, uniform in sigma_range; scalar float32."""
-    return op_base.uniform(op_base.sub_seed(seed, 0), *sigma_range)
+    """The blur's sigma in pixels, uniform in sigma_range; scalar float32.
+
+    That of gaussian_blur called with `seed` (its first uniform).
+    """
+    return op_base.between(op_base.draw_uniforms(seed, 1)[0], *sigma_range)
 
 
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, kernel_fraction: float = 0.1):
@@ -86,8 +89,8 @@ def make_gaussian_blur(
 
     Kernel radius `blur_radius(height, kernel_fraction)` as SimCLR. Unlike
     SimCLR, which pads with zeros ('SAME'), the border is mirrored so that
-    blurred views do not get dark edges. Sigma is
-    `sample_blur_sigma(seed, sigma_range)`; the coin uses another sub-seed.
+    blurred views do not get dark edges. Uniforms: sigma (so the op called
+    with `seed` blurs with `sample_blur_sigma(seed, sigma_range)`), the coin.
     """
     op = "gaussian_blur"
     p = op_base.check_probability(op, "p", p)
@@ -99,13 +102,11 @@ def make_gaussian_blur(
             f"augment op {op!r}: kernel_fraction={kernel_fraction!r} must be in (0, 1]"
         )
 
-    def blur(image, seed):
+    def blur(image, u):
         image = op_base.to_unit_float(image)
+        sigma = op_base.between(u[0], *sigma_range)
         return op_base.random_apply(
-            lambda x: gaussian_blur(x, sample_blur_sigma(seed, sigma_range), kernel_fraction),
-            p,
-            image,
-            op_base.sub_seed(seed, 1),
+            lambda x: gaussian_blur(x, sigma, kernel_fraction), p, image, u[1]
         )
 
-    return blur
+    return op_base.RandomOp(blur, 2, op)

@@ -1,7 +1,7 @@
 """Colour augmentation ops: colour jitter, grayscale.
 
 Each `make_*` function checks its arguments (ValueError naming the fix) and
-returns an op `(image, seed) -> image` on one float32 image [h, w, c] in
+returns an `op_base.RandomOp` (`op(image, seed)`) on one float32 image [h, w, c] in
 [0, 1], c in {1, 3}. Ops keep the channel count: a 1-channel (grayscale)
 image stays 1-channel and skips saturation and hue, which are the identity
 on gray pixels, so chest X-rays pay for one channel only.
@@ -29,10 +29,12 @@ _RGB_TO_YIQ = np.array([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], 
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 IMPLS = ("hsv", "linear")
 
-# Jitter sub-seeds: 0-3 draw the transforms' parameters (index in
-# TRANSFORM_NAMES, fixed, so a factor does not depend on which other transforms
-# are enabled or on the channel count), 4 the order, 5 the coin for p.
-_JITTER_ORDER_SEED = 4
+# Jitter uniforms: 0-3 the transforms' parameters (index in TRANSFORM_NAMES,
+# fixed, so a factor does not depend on which other transforms are enabled or
+# on the channel count), 4-7 their order keys, 8 the coin for p.
+_ORDER = slice(4, 8)
+_COIN = 8
+JITTER_UNIFORMS = 9
 
 
 def apply_color_matrix(image: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
@@ -61,18 +63,18 @@ def hue_rotation_matrix(delta: tf.Tensor) -> tf.Tensor:
     return tf.constant(_YIQ_TO_RGB, tf.float32) @ rotation @ tf.constant(_RGB_TO_YIQ, tf.float32)
 
 
-def _factor(seed, strength):
+def _factor(u, strength):
     # A multiplicative factor in [max(1 - s, 0), 1 + s], as SimCLR's brightness
     # (impl 'simclrv2'), contrast and saturation; kept >= 0 for strengths > 1.
-    return op_base.uniform(seed, max(1.0 - strength, 0.0), 1.0 + strength)
+    return op_base.between(u, max(1.0 - strength, 0.0), 1.0 + strength)
 
 
-def _hue_delta(seed, strength):
-    return op_base.uniform(seed, -strength, strength)
+def _hue_delta(u, strength):
+    return op_base.between(u, -strength, strength)
 
 
 class _Transform(NamedTuple):
-    """One jitter transform: its parameter is `sample(seed, strength)`, drawn once per view."""
+    """One jitter transform: its parameter is `sample(u, strength)` for its uniform u."""
 
     needs_colour: bool  # the identity on gray pixels: skipped on 1-channel images
     sample: Callable
@@ -106,20 +108,20 @@ _TRANSFORMS = {
         ),
     ),
 }
-TRANSFORM_NAMES = tuple(_TRANSFORMS)  # sub-seed index = position in this tuple
+TRANSFORM_NAMES = tuple(_TRANSFORMS)  # uniform index = position in this tuple
 
 
 def jitter_order(seed: tf.Tensor) -> tf.Tensor:
     """Sort keys of the jitter transforms (brightness, contrast, saturation, hue).
 
-    Enabled transforms run in increasing key order. One uniform key per
-    transform, so the relative order of two transforms is the same whatever
-    else is enabled.
+    Those of color_jitter called with `seed`. Enabled transforms run in
+    increasing key order. One uniform key per transform, so the relative
+    order of two transforms is the same whatever else is enabled.
 
     Returns:
       [4] float32 sort keys.
     """
-    return op_base.uniform(op_base.sub_seed(seed, _JITTER_ORDER_SEED), 0.0, 1.0, [4])
+    return op_base.draw_uniforms(seed, JITTER_UNIFORMS)[_ORDER]
 
 
 def _gray_jitter(image, names, params, ranks):
@@ -162,6 +164,9 @@ def make_color_jitter(
     component of strength 0 is skipped. Saturation and hue are skipped on
     1-channel images, where they are the identity.
 
+    Uniforms (JITTER_UNIFORMS): one parameter per transform in TRANSFORM_NAMES
+    order, the four order keys (`jitter_order`), the coin for p.
+
     impl: 'hsv' is SimCLR's (tf.image.adjust_saturation / adjust_hue in HSV
     space); 'linear' uses 3x3 colour matrices instead (saturation as a blend
     with luma, as PIL and torchvision; hue as a turn of YIQ chroma), several
@@ -185,7 +190,7 @@ def make_color_jitter(
         raise ValueError(f"augment op {op!r}: random_order={random_order!r} must be True or False")
     impl = op_base.check_choice(op, "impl", impl, IMPLS)
 
-    def jitter(image, seed):
+    def jitter(image, u):
         channels = image.shape[-1]
         active = [
             (index, name)
@@ -195,12 +200,9 @@ def make_color_jitter(
         if not active:
             return image
         names = [name for _, name in active]
-        params = [
-            _TRANSFORMS[name].sample(op_base.sub_seed(seed, index), maxima[name])
-            for index, name in active
-        ]
+        params = [_TRANSFORMS[name].sample(u[index], maxima[name]) for index, name in active]
         if random_order:
-            ranks = tf.argsort(tf.gather(jitter_order(seed), [index for index, _ in active]))
+            ranks = tf.argsort(tf.gather(u[_ORDER], [index for index, _ in active]))
         else:
             ranks = list(range(len(active)))
         if channels == 1:
@@ -225,19 +227,17 @@ def make_color_jitter(
             image.set_shape(shape)
         return image
 
-    def color_jitter(image, seed):
+    def color_jitter(image, u):
         image = op_base.to_unit_float(image)
-        out = op_base.random_apply(
-            lambda x: jitter(x, seed), p, image, op_base.sub_seed(seed, _JITTER_ORDER_SEED + 1)
-        )
+        out = op_base.random_apply(lambda x: jitter(x, u), p, image, u[_COIN])
         out.set_shape(image.shape)
         return out
 
-    return color_jitter
+    return op_base.RandomOp(color_jitter, JITTER_UNIFORMS, op)
 
 
 def make_grayscale(p: float = 0.2) -> op_base.Op:
-    """Converts to gray with probability p (SimCLR: 0.2), keeping the channel count.
+    """Converts to gray with probability p (SimCLR: 0.2), keeping the channel count; one uniform.
 
     ITU-R 601 luma (`LUMA`, as tf.image.rgb_to_grayscale), copied to the 3 channels as
     SimCLR's to_grayscale(keep_channels=True). The identity on 1-channel images.
@@ -247,15 +247,15 @@ def make_grayscale(p: float = 0.2) -> op_base.Op:
     def to_gray(image):
         return apply_color_matrix(image, tf.constant([LUMA] * 3, tf.float32))
 
-    def grayscale(image, seed):
+    def grayscale(image, u):
         image = op_base.to_unit_float(image)
         if image.shape[-1] != 3:
             return image
-        out = op_base.random_apply(to_gray, p, image, seed)
+        out = op_base.random_apply(to_gray, p, image, u[0])
         out.set_shape(image.shape)
         return out
 
-    return grayscale
+    return op_base.RandomOp(grayscale, 1, "grayscale")
 
 
 def make_to_gray() -> op_base.Op:
@@ -267,8 +267,8 @@ def make_to_gray() -> op_base.Op:
     skip converting the whole image.
     """
 
-    def to_gray(image, seed):
-        del seed
+    def to_gray(image, u):
+        del u
         if image.shape[-1] == 1:
             return image
         # Cast and fold the 1 / dtype max into the luma weights: one pass, not two.
@@ -276,4 +276,4 @@ def make_to_gray() -> op_base.Op:
         weights = tf.constant([[w * scale for w in LUMA]], tf.float32)
         return apply_color_matrix(tf.cast(image, tf.float32), weights)
 
-    return to_gray
+    return op_base.RandomOp(to_gray, 0, "to_gray")

@@ -1,7 +1,8 @@
 """Geometric augmentation ops: crops, resizes, flips, rotations.
 
 Each `make_*` function checks its arguments (ValueError naming the fix) and
-returns an op `(image, seed) -> image` on one image [h, w, c], c in {1, 3}.
+returns an `op_base.RandomOp` on one image [h, w, c], c in {1, 3}:
+`op(image, seed)`, or `op.apply(image, u)` with its uniforms.
 Ops that take `size` output [size, size, c] float32 in [0, 1] and accept the
 raw decoded dtype (uint8, uint16 or float), scaling to [0, 1] after the crop
 so that per-pixel float work touches the view, not the decoded image. The
@@ -45,15 +46,20 @@ def _resize_to_unit(image: tf.Tensor, size: int, method: str, antialias: bool) -
     return tf.clip_by_value(tf.cast(out, tf.float32), 0.0, 1.0)
 
 
-def sample_crop_box(
-    seed: tf.Tensor,
+def crop_box_uniforms(max_attempts: int = 100) -> int:
+    """How many uniforms `crop_box` reads: an area and an aspect per attempt, two offsets."""
+    return 2 * max_attempts + 2
+
+
+def crop_box(
+    u: tf.Tensor,
     height,
     width,
     area_range=(0.08, 1.0),
     aspect_ratio_range=(3 / 4, 4 / 3),
     max_attempts: int = 100,
 ) -> tf.Tensor:
-    """Samples SimCLR's random-resized-crop box, vectorised over all attempts.
+    """SimCLR's random-resized-crop box from uniforms, vectorised over all attempts.
 
     As described in the SimCLR paper (appendix A, after Inception's crop): the
     crop covers a fraction of the image area uniform in `area_range` and has a
@@ -64,7 +70,8 @@ def sample_crop_box(
     image when its aspect ratio is in range, as with the defaults).
 
     Args:
-      seed: [2] int32/int64 stateless seed.
+      u: [crop_box_uniforms(max_attempts)] float32 uniforms in [0, 1): the
+        attempts' areas, their aspects, then the y and x offsets.
       height, width: the image's size in pixels (Python ints or int32 scalars).
       area_range: (min, max) fraction of the image area, within (0, 1].
       aspect_ratio_range: (min, max) crop width / height in pixels.
@@ -76,9 +83,9 @@ def sample_crop_box(
     height_f = tf.cast(height, tf.float32)
     width_f = tf.cast(width, tf.float32)
     image_area = height_f * width_f
-    area = op_base.uniform(op_base.sub_seed(seed, 0), *area_range, [max_attempts]) * image_area
+    area = op_base.between(u[:max_attempts], *area_range) * image_area
     log_lo, log_hi = math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1])
-    ratio = tf.exp(op_base.uniform(op_base.sub_seed(seed, 1), log_lo, log_hi, [max_attempts]))
+    ratio = tf.exp(op_base.between(u[max_attempts : 2 * max_attempts], log_lo, log_hi))
     crop_w = tf.round(tf.sqrt(area * ratio))
     crop_h = tf.round(tf.sqrt(area / ratio))
     fits = (crop_w >= 1) & (crop_h >= 1) & (crop_w <= width_f) & (crop_h <= height_f)
@@ -97,12 +104,30 @@ def sample_crop_box(
     # Uniform integer positions 0..(H - h): floor(u * (H - h + 1)), clamped in
     # case u * n rounds up to n in float32.
     free = tf.stack([height_i - crop_h, width_i - crop_w])
-    u = op_base.uniform(op_base.sub_seed(seed, 2), 0.0, 1.0, [2])
-    offsets = tf.cast(tf.floor(u * tf.cast(free + 1, tf.float32)), tf.int32)
+    position = u[2 * max_attempts : 2 * max_attempts + 2]
+    offsets = tf.cast(tf.floor(position * tf.cast(free + 1, tf.float32)), tf.int32)
     offsets = tf.minimum(offsets, free)
     centre = tf.stack([(height_i - crop_h) // 2, (width_i - crop_w) // 2])
     offsets = tf.where(found, offsets, centre)
     return tf.stack([offsets[0], offsets[1], crop_h, crop_w])
+
+
+def sample_crop_box(
+    seed: tf.Tensor,
+    height,
+    width,
+    area_range=(0.08, 1.0),
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    max_attempts: int = 100,
+) -> tf.Tensor:
+    """`crop_box` on uniforms drawn from `seed`: the box of the crop ops called with `seed`.
+
+    random_resized_crop and random_rotated_crop read their box from their
+    first `crop_box_uniforms(max_attempts)` uniforms, so `op(image, seed)`
+    crops exactly this box. Returns [4] int32 (offset_y, offset_x, h, w).
+    """
+    u = op_base.draw_uniforms(seed, crop_box_uniforms(max_attempts))
+    return crop_box(u, height, width, area_range, aspect_ratio_range, max_attempts)
 
 
 def _check_crop(op, size, area_range, aspect_ratio_range, max_attempts):
@@ -131,7 +156,8 @@ def make_random_resized_crop(
     """Random resized crop to [size, size, c] (SimCLR's crop_and_resize).
 
     Defaults are SimCLR's: area 0.08-1, aspect 3/4-4/3, 100 attempts, bicubic
-    resize without antialiasing. The box comes from `sample_crop_box(seed, ...)`.
+    resize without antialiasing. Uniforms: the box's (`crop_box`), so the op
+    called with `seed` crops `sample_crop_box(seed, ...)`.
     """
     op = "random_resized_crop"
     size, area_range, aspect_ratio_range = _check_crop(
@@ -139,14 +165,12 @@ def make_random_resized_crop(
     )
     method = op_base.check_choice(op, "method", method, RESIZE_METHODS)
 
-    def random_resized_crop(image, seed):
+    def random_resized_crop(image, u):
         shape = tf.shape(image)
-        box = sample_crop_box(
-            seed, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts
-        )
+        box = crop_box(u, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts)
         return _resize_to_unit(_crop(image, box), size, method, antialias)
 
-    return random_resized_crop
+    return op_base.RandomOp(random_resized_crop, crop_box_uniforms(max_attempts), op)
 
 
 def center_crop_box(height, width, crop_fraction: float) -> tf.Tensor:
@@ -178,13 +202,13 @@ def make_center_crop(
         raise ValueError(f"augment op {op!r}: crop_fraction={crop_fraction!r} must be in (0, 1]")
     method = op_base.check_choice(op, "method", method, RESIZE_METHODS)
 
-    def center_crop(image, seed):
-        del seed
+    def center_crop(image, u):
+        del u
         shape = tf.shape(image)
         box = center_crop_box(shape[0], shape[1], crop_fraction)
         return _resize_to_unit(_crop(image, box), size, method, antialias)
 
-    return center_crop
+    return op_base.RandomOp(center_crop, 0, op)
 
 
 def make_resize(size: int, method: str = "bicubic", antialias: bool = False) -> op_base.Op:
@@ -192,29 +216,44 @@ def make_resize(size: int, method: str = "bicubic", antialias: bool = False) -> 
     size = _check_size("resize", size)
     method = op_base.check_choice("resize", "method", method, RESIZE_METHODS)
 
-    def resize(image, seed):
-        del seed
+    def resize(image, u):
+        del u
         return _resize_to_unit(image, size, method, antialias)
 
-    return resize
+    return op_base.RandomOp(resize, 0, "resize")
+
+
+def _mirror(image: tf.Tensor) -> tf.Tensor:
+    if image.shape[-1] != 1:
+        return tf.reverse(image, axis=[1])
+    # Reversing the last axis of [h, w] is ~5x cheaper than axis 1 of [h, w, 1].
+    shape = tf.shape(image)
+    out = tf.reshape(tf.reverse(tf.reshape(image, shape[:2]), axis=[1]), shape)
+    out.set_shape(image.shape)
+    return out
 
 
 def make_flip_left_right(p: float = 0.5) -> op_base.Op:
-    """Mirrors the image left-right with probability p (SimCLR: 0.5)."""
+    """Mirrors the image left-right with probability p (SimCLR: 0.5); one uniform, the coin."""
     p = op_base.check_probability("flip_left_right", "p", p)
 
-    def flip_left_right(image, seed):
-        return op_base.random_apply(lambda x: tf.reverse(x, axis=[1]), p, image, seed)
+    def flip_left_right(image, u):
+        return op_base.random_apply(_mirror, p, image, u[0])
 
-    return flip_left_right
+    return op_base.RandomOp(flip_left_right, 1, "flip_left_right")
 
 
-def sample_rotation_angle(seed: tf.Tensor, max_degrees: float) -> tf.Tensor:
-    """The rotation angle in degrees, uniform in [-max_degrees, max_degrees]; scalar float32.
+def rotation_angle(u: tf.Tensor, max_degrees: float) -> tf.Tensor:
+    """The rotation angle in degrees for a uniform u in [0, 1): uniform in [-max, max].
 
     Positive angles turn the image counter-clockwise as displayed (rows down).
     """
-    return op_base.uniform(op_base.sub_seed(seed, 0), -max_degrees, max_degrees)
+    return op_base.between(u, -max_degrees, max_degrees)
+
+
+def sample_rotation_angle(seed: tf.Tensor, max_degrees: float) -> tf.Tensor:
+    """`rotation_angle` of the first uniform drawn from `seed`: `rotate`'s angle for that seed."""
+    return rotation_angle(op_base.draw_uniforms(seed, 1)[0], max_degrees)
 
 
 def box_transform(box: tf.Tensor, angle_degrees: tf.Tensor, out_height, out_width) -> tf.Tensor:
@@ -250,6 +289,18 @@ def box_transform(box: tf.Tensor, angle_degrees: tf.Tensor, out_height, out_widt
     )[None]
 
 
+def mirror_transform(transform: tf.Tensor, flip: tf.Tensor, out_width) -> tf.Tensor:
+    """`transform` of a left-right mirrored output where `flip` (scalar bool) is True.
+
+    Output column u then reads what column out_width - 1 - u read: the flip
+    costs no pass over the pixels.
+    """
+    a0, a1, a2, b0, b1, b2, c0, c1 = tf.unstack(transform[0])
+    last = tf.cast(out_width, tf.float32) - 1.0
+    mirrored = tf.stack([-a0, a1, a2 + a0 * last, -b0, b1, b2 + b0 * last, c0, c1])[None]
+    return tf.where(flip, mirrored, transform)
+
+
 def _transform(image, transform, out_hw, fill_mode, fill_value):
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=image[None],
@@ -282,17 +333,20 @@ def make_random_rotated_crop(
     p: float = 1.0,
     fill_mode: str = "constant",
     fill_value: float = 0.0,
+    flip_p: float = 0.0,
 ) -> op_base.Op:
     """Random resized crop whose box is also turned, in one bilinear resampling.
 
     The box is `sample_crop_box(seed, ...)` as in random_resized_crop; with
-    probability p it is turned about its centre by
-    `sample_rotation_angle(sub_seed(seed, 3), max_degrees)` (coin on sub-seed
-    4). One resampling instead of crop-resize then rotate: about 40% cheaper
+    probability p it is turned about its centre by `rotation_angle`. Uniforms
+    (`rotated_crop_layout`): the box's, then the angle, the rotation coin and
+    the flip coin. One resampling instead of crop-resize then rotate: about 40% cheaper
     on gray 224 px views, and the corners show the image around the box
     rather than fill, which appears only where the turned box leaves the
     image (fill_mode as in `make_rotate`). Bilinear without antialiasing,
-    like SimCLR's bicubic resize.
+    like SimCLR's bicubic resize. With probability flip_p the view is
+    mirrored left-right in the same resampling: a fused `flip_left_right`,
+    which saves a pass over the view.
     """
     op = "random_rotated_crop"
     size, area_range, aspect_ratio_range = _check_crop(
@@ -301,28 +355,36 @@ def make_random_rotated_crop(
     max_degrees, p, fill_mode, fill_value = _check_rotation(
         op, max_degrees, p, fill_mode, fill_value
     )
+    flip_p = op_base.check_probability(op, "flip_p", flip_p)
+    slots = rotated_crop_layout(max_attempts)
 
-    def random_rotated_crop(image, seed):
+    def random_rotated_crop(image, u):
         # Interpolate floats (the kernel truncates interpolated integers), but
         # only cast here: the 1 / 255 scaling touches the small output only.
         scale = 1.0 / image.dtype.max if image.dtype.is_integer else None
         image = tf.cast(image, tf.float32) if scale else op_base.to_unit_float(image)
         fill = fill_value / scale if scale else fill_value
         shape = tf.shape(image)
-        box = sample_crop_box(
-            seed, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts
-        )
-        angle = sample_rotation_angle(op_base.sub_seed(seed, 3), max_degrees)
+        box = crop_box(u, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts)
+        angle = rotation_angle(u[slots["angle"]], max_degrees)
         if p < 1.0:
-            angle = tf.where(op_base.coin(op_base.sub_seed(seed, 4), p), angle, 0.0)
+            angle = tf.where(u[slots["rotate_coin"]] < p, angle, 0.0)
         transform = box_transform(box, angle, size, size)
+        if flip_p > 0.0:
+            transform = mirror_transform(transform, u[slots["flip_coin"]] < flip_p, size)
         out = _transform(image, transform, [size, size], fill_mode, fill)
         if scale:
             out = tf.minimum(out * scale, 1.0)  # 255 * (1 / 255) may round above 1
         out.set_shape([size, size, image.shape[-1]])
         return out
 
-    return random_rotated_crop
+    return op_base.RandomOp(random_rotated_crop, slots["flip_coin"] + 1, op)
+
+
+def rotated_crop_layout(max_attempts: int = 100) -> dict[str, int]:
+    """Index of each of random_rotated_crop's uniforms after the box's: angle, coins."""
+    first = crop_box_uniforms(max_attempts)
+    return dict(angle=first, rotate_coin=first + 1, flip_coin=first + 2)
 
 
 def make_rotate(
@@ -336,29 +398,27 @@ def make_rotate(
     Bilinear interpolation. Pixels rotated in from outside the image are
     `fill_value` (default 0, black, as torchvision's RandomRotation) with
     fill_mode 'constant'; 'nearest' repeats the edge pixels, 'reflect' and
-    'wrap' mirror or tile the image. The angle is `sample_rotation_angle(seed)`
-    on the op's seed; the coin for `p` uses another sub-seed.
+    'wrap' mirror or tile the image. Uniforms: the angle (so the op called
+    with `seed` turns by `sample_rotation_angle(seed, max_degrees)`), the coin.
     """
     op = "rotate"
     max_degrees, p, fill_mode, fill_value = _check_rotation(
         op, max_degrees, p, fill_mode, fill_value
     )
 
-    def rotate_once(image, seed):
+    def rotate_once(image, u):
         shape = tf.shape(image)
-        angle = sample_rotation_angle(seed, max_degrees)
+        angle = rotation_angle(u, max_degrees)
         whole = tf.stack([0, 0, shape[0], shape[1]])
         transform = box_transform(whole, angle, shape[0], shape[1])
         out = _transform(image, transform, shape[:2], fill_mode, fill_value)
         out.set_shape(image.shape)
         return out
 
-    def rotate(image, seed):
+    def rotate(image, u):
         if max_degrees == 0:
             return image
         image = op_base.to_unit_float(image)
-        return op_base.random_apply(
-            lambda x: rotate_once(x, seed), p, image, op_base.sub_seed(seed, 1)
-        )
+        return op_base.random_apply(lambda x: rotate_once(x, u[0]), p, image, u[1])
 
-    return rotate
+    return op_base.RandomOp(rotate, 2, op)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from micle_jax.data import augment, image_table, records
+from micle_jax.data import augment, image_table, op_base, records
 
 
 class ImageReader:
@@ -30,6 +30,7 @@ class ImageReader:
 
     def __init__(self, table: image_table.ImageTable | None = None):
         self.channels = None
+        self.decodes = table is None  # each read decodes (ms per image) vs a slice
         if table is not None:
             self._pixels = tf.constant(table.pixels)
             self._offsets = tf.constant(table.offsets)
@@ -76,13 +77,14 @@ def pick_two(n: tf.Tensor, seed) -> tuple[tf.Tensor, tf.Tensor]:
     Returns:
       (i, j) int32 scalars.
     """
-    seed_i = tf.random.experimental.stateless_fold_in(seed, 0)
-    seed_j = tf.random.experimental.stateless_fold_in(seed, 1)
-    i = tf.random.stateless_uniform([], seed_i, minval=0, maxval=n, dtype=tf.int32)
+    u = op_base.draw_uniforms(seed, 2)
+
+    def index(u, count):  # uniform in 0..count-1; min() in case u * count rounds up
+        return tf.minimum(tf.cast(tf.floor(u * tf.cast(count, tf.float32)), tf.int32), count - 1)
+
+    i = index(u[0], n)
     # j is uniform over the other n - 1 images: draw from n - 1 and skip i.
-    j = tf.random.stateless_uniform(
-        [], seed_j, minval=0, maxval=tf.maximum(n - 1, 1), dtype=tf.int32
-    )
+    j = index(u[1], tf.maximum(n - 1, 1))
     j = tf.where(n >= 2, j + tf.cast(j >= i, tf.int32), i)
     return i, j
 
@@ -134,9 +136,15 @@ class ExampleMaker:
         self.uncertain_policy = uncertain_policy
         self.seed = seed
 
-    def _seed(self, k, part: int) -> tf.Tensor:
-        element_seed = tf.random.experimental.stateless_fold_in(self.seed, k)
-        return tf.random.experimental.stateless_fold_in(element_seed, part)
+    def _seeds(self, k) -> tf.Tensor:
+        """[3, 2] int64: element k's seeds for the pair choice, view 1 and view 2.
+
+        One fold-in and one draw (random ops cost ~15-30 us each in tf.data).
+        """
+        element_seed = tf.random.experimental.stateless_fold_in(self.seed, k, alg=op_base.RNG_ALG)
+        return tf.random.stateless_uniform(
+            [3, 2], element_seed, minval=None, maxval=None, dtype=tf.int64, alg=op_base.RNG_ALG
+        )
 
     def _view(self, image, seed) -> tf.Tensor:
         return make_view(self.policy, image, seed, self.reader.channels)
@@ -146,13 +154,18 @@ class ExampleMaker:
             return tf.constant(-1, tf.int32)
         return element["label_class"][i]
 
-    def _contrastive(self, k, element, i, j) -> dict:
+    def _contrastive(self, seeds, element, i, j) -> dict:
         image_i = self.reader(element, i)
-        image_j = image_i if j is None else self.reader(element, j)
-        j = i if j is None else j
+        if j is None:
+            image_j, j = image_i, i
+        elif self.reader.decodes:
+            # A one-image case (j == i) is decoded once, not twice.
+            image_j = tf.cond(tf.equal(i, j), lambda: image_i, lambda: self.reader(element, j))
+        else:
+            image_j = self.reader(element, j)
         return {
-            "view1": self._view(image_i, self._seed(k, 1)),
-            "view2": self._view(image_j, self._seed(k, 2)),
+            "view1": self._view(image_i, seeds[1]),
+            "view2": self._view(image_j, seeds[2]),
             "label": self._contrastive_label(element, i),
             "multi_instance": tf.not_equal(i, j),
             "case_id": element["case_id"],
@@ -162,12 +175,13 @@ class ExampleMaker:
 
     def simclr(self, k, element) -> dict:
         """Two views of one image: view1, view2 float32 [s, s, 3], label, case/image ids."""
-        return self._contrastive(k, element, 0, None)
+        return self._contrastive(self._seeds(k), element, 0, None)
 
     def micle(self, k, element) -> dict:
         """One view each of two different images of a case (one image: two views of it)."""
-        i, j = pick_two(tf.size(element["image_ids"]), self._seed(k, 0))
-        return self._contrastive(k, element, i, j)
+        seeds = self._seeds(k)
+        i, j = pick_two(tf.size(element["image_ids"], out_type=tf.int32), seeds[0])
+        return self._contrastive(seeds, element, i, j)
 
     def _labels(self, element) -> dict:
         if self.label_type == "multilabel":
@@ -177,7 +191,7 @@ class ExampleMaker:
 
     def supervised(self, k, element) -> dict:
         """One view: image float32 [s, s, 3], label int32 [] or float32 [C], label_mask [C]."""
-        image = self._view(self.reader(element, 0), self._seed(k, 1))
+        image = self._view(self.reader(element, 0), self._seeds(k)[1])
         return {"image": image, **self._labels(element), "case_id": element["case_id"]}
 
     def eval(self, k, element) -> dict:
