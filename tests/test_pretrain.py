@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from micle_jax import checkpoint, config_lib, models, sharding
-from micle_jax.trainers import harness, pretrain
+from micle_jax.trainers import contrastive_step, harness, pretrain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,9 +95,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     pretrain.main(tiny_config(steps=3), str(tmp_path))  # checkpoint at step 3
     good = final_params(tmp_path)
 
-    real = pretrain.losses.nt_xent_with_accuracy
+    real = contrastive_step.losses.nt_xent_with_accuracy
     monkeypatch.setattr(
-        pretrain.losses,
+        contrastive_step.losses,
         "nt_xent_with_accuracy",
         lambda z1, z2, t: (real(z1, z2, t)[0] * jnp.nan, real(z1, z2, t)[1]),
     )

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from micle_jax import config_lib, models, optim, sharding
-from micle_jax.trainers import harness, pretrain
+from micle_jax.trainers import contrastive_step, harness
 
 
 def mesh_of(n, model=1):
@@ -41,7 +41,7 @@ def one_step(n_devices, model_axis=1):
     tx = optim.make_optimizer(optim_config, schedule)
     state, shardings, _ = harness.create_state(model, tx, mesh, 16, 0, 1000)
     step = jax.jit(
-        pretrain.make_train_step(model, tx, schedule, 0.1, probe=True),
+        contrastive_step.make_train_step(model, tx, schedule, 0.1, probe=True),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
     )

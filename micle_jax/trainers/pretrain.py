@@ -13,15 +13,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from micle_jax import checkpoint, config_lib, evaluators, losses, models, optim, sharding
+from micle_jax import checkpoint, config_lib, evaluators, models, optim, sharding
 from micle_jax.data import pipeline
-from micle_jax.trainers import harness
+from micle_jax.trainers import contrastive_step, harness
 
 MODES = ("simclr", "micle")
 
@@ -43,61 +41,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} must divide evenly over the "
             f"{n_data} data-parallel devices and {jax.process_count()} processes"
         )
-
-
-def make_train_step(model, tx, schedule, temperature: float, probe: bool):
-    """The jitted-to-be update: (state, batch) -> (state, measurements).
-
-    batch: view1, view2 [B, H, W, 3] float32; label [B] int32 (-1 = none);
-    multi_instance [B] bool. Both views go through the network as one batch
-    of 2B, as in SimCLR, so BatchNorm sees all of them.
-    """
-
-    def train_step(state: harness.TrainState, batch):
-        def loss_fn(params):
-            images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
-            out, mutated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            z1, z2 = jnp.split(out["projections"], 2, axis=0)
-            loss, acc = losses.nt_xent_with_accuracy(z1, z2, temperature)
-            measurements = {"contrastive_loss": loss, "contrastive_acc": acc}
-            if probe:
-                # SimCLR's lineareval_while_pretraining: a head on stop-gradient
-                # features, trained on whatever labels the batch has.
-                labels = jnp.concatenate([batch["label"], batch["label"]], axis=0)
-                mask = (labels >= 0).astype(jnp.float32)
-                probe_loss = losses.softmax_cross_entropy(
-                    out["logits"], jnp.maximum(labels, 0), mask
-                )
-                hits = (jnp.argmax(out["logits"], -1) == labels).astype(jnp.float32)
-                measurements["probe_loss"] = probe_loss
-                measurements["probe_acc"] = jnp.sum(hits * mask) / jnp.maximum(mask.sum(), 1.0)
-                loss = loss + probe_loss
-            return loss, (mutated["batch_stats"], measurements)
-
-        (loss, (batch_stats, measurements)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        measurements.update(
-            loss=loss,
-            learning_rate=schedule(state.step),
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(params),
-            multi_instance_fraction=jnp.mean(batch["multi_instance"].astype(jnp.float32)),
-            finite=jnp.isfinite(loss),
-        )
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        return new_state, measurements
-
-    return train_step
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -171,7 +114,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- The update step: donated state, explicit shardings. ---
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, config.loss.temperature, probe),
+        contrastive_step.make_train_step(model, tx, schedule, config.loss.temperature, probe),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
