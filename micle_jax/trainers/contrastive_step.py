@@ -6,9 +6,7 @@ on machines that have JAX but not TensorFlow.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import optax
 
 from micle_jax import losses
 from micle_jax.trainers import harness
@@ -48,21 +46,9 @@ def make_train_step(model, tx, schedule, temperature: float, probe: bool):
                 loss = loss + probe_loss
             return loss, (mutated["batch_stats"], measurements)
 
-        (loss, (batch_stats, measurements)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        measurements.update(
-            loss=loss,
-            learning_rate=schedule(state.step),
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(params),
-            multi_instance_fraction=jnp.mean(batch["multi_instance"].astype(jnp.float32)),
-            finite=jnp.isfinite(loss),
-        )
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        new_state, measurements = harness.apply_gradients(state, tx, schedule, loss_fn)
+        measurements["multi_instance_fraction"] = jnp.mean(
+            batch["multi_instance"].astype(jnp.float32)
         )
         return new_state, measurements
 

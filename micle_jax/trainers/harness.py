@@ -41,6 +41,38 @@ class TrainState:
     opt_state: optax.OptState
 
 
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, schedule, loss_fn):
+    """One optimizer update of state.params by the gradient of `loss_fn`.
+
+    Args:
+      state: the TrainState before the step.
+      tx: the optimizer.
+      schedule: step -> learning rate (logged).
+      loss_fn: params -> (loss, (new batch_stats, measurements dict)).
+
+    Returns:
+      (new_state, measurements) with loss, learning_rate, grad_norm,
+      param_norm (after the update) and finite added to loss_fn's.
+    """
+    (loss, (batch_stats, measurements)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    measurements = dict(
+        measurements,
+        loss=loss,
+        learning_rate=schedule(state.step),
+        grad_norm=optax.global_norm(grads),
+        param_norm=optax.global_norm(params),
+        finite=jnp.isfinite(loss),
+    )
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, measurements
+
+
 def check_workdir(workdir: str) -> str:
     """Checks that `workdir` can be created and written; returns its absolute path.
 

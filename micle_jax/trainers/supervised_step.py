@@ -95,22 +95,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, label_typ
                 measurements = {"labelled_fraction": jnp.mean(mask)}
             return loss, (mutated["batch_stats"], measurements)
 
-        (loss, (batch_stats, measurements)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        measurements.update(
-            loss=loss,
-            learning_rate=schedule(state.step),
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(params),
-            finite=jnp.isfinite(loss),
-        )
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        return new_state, measurements
+        return harness.apply_gradients(state, tx, schedule, loss_fn)
 
     return train_step
 
