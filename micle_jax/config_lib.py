@@ -172,6 +172,46 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+def _run_config(
+    trainer: str, batch_size: int, total_epochs: float, warmup_epochs: float, checkpoint_every: int
+) -> ml_collections.ConfigDict:
+    """The fields every trainer's config has: length, logging, checkpoints, mesh."""
+    config = ml_collections.ConfigDict()
+    config.trainer = trainer
+    config.seed = 0
+    config.batch_size = batch_size
+    config.total_epochs = total_epochs
+    config.total_steps = ml_collections.config_dict.placeholder(int)
+    config.warmup_epochs = warmup_epochs
+    config.warmup_steps = ml_collections.config_dict.placeholder(int)
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = checkpoint_every
+    config.keep_checkpoints = 5  # SimCLR: keep_checkpoint_max 5
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
+    return config
+
+
+def optim_config(base_lr: float, weight_decay: float) -> ml_collections.ConfigDict:
+    """The optimizer block (micle_jax/optim.py): SimCLR's LARS, sqrt lr scaling, cosine."""
+    fields = dict(
+        name="lars",
+        base_lr=base_lr,
+        lr_scaling="sqrt",
+        schedule="cosine",
+        momentum=0.9,
+        weight_decay=weight_decay,
+        eeta=1e-3,
+        # SimCLR tf2/model.py: the supervised head keeps weight decay but
+        # skips LARS's trust ratio (it would all but freeze a small head).
+        trust_ratio_exclude=("^head/",),
+        nesterov=False,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+    )
+    return ml_collections.ConfigDict(fields)
+
+
 def pretrain_config(arch: str) -> ml_collections.ConfigDict:
     """Contrastive pre-training defaults: the official SimCLR ImageNet command.
 
@@ -179,43 +219,18 @@ def pretrain_config(arch: str) -> ml_collections.ConfigDict:
     --learning_rate=0.075 --learning_rate_scaling=sqrt --weight_decay=1e-4
     --temperature=0.1, LARS, 10 warm-up epochs then cosine; global BN.
     """
-    config = ml_collections.ConfigDict()
-    config.trainer = "pretrain"
-    config.seed = 0
-    config.batch_size = 4096
-    config.total_epochs = 100.0
-    config.total_steps = ml_collections.config_dict.placeholder(int)
-    config.warmup_epochs = 10.0
-    config.warmup_steps = ml_collections.config_dict.placeholder(int)
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 5000
-    config.keep_checkpoints = 5  # SimCLR: keep_checkpoint_max 5
+    config = _run_config(
+        "pretrain", batch_size=4096, total_epochs=100.0, warmup_epochs=10.0, checkpoint_every=5000
+    )
     config.linear_probe = True  # SimCLR: lineareval_while_pretraining
     config.model = model_config(arch)
     config.data = data_config()
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="lars",
-            base_lr=0.075,
-            lr_scaling="sqrt",  # 0.075 * sqrt(4096) = 4.8 = 0.3 * 4096 / 256
-            schedule="cosine",
-            momentum=0.9,
-            weight_decay=1e-4,
-            eeta=1e-3,
-            # SimCLR tf2/model.py: the supervised head keeps weight decay but
-            # skips LARS's trust ratio (it would all but freeze a small head).
-            trust_ratio_exclude=("^head/",),
-            nesterov=False,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-        )
-    )
+    # 0.075 * sqrt(4096) = 4.8 = 0.3 * 4096 / 256
+    config.optim = optim_config(base_lr=0.075, weight_decay=1e-4)
     config.loss = ml_collections.ConfigDict(dict(temperature=0.1))
     # Weights only, from another run: its backbone, plus the first
     # `init_proj_layers` projection layers.
     config.init = ml_collections.ConfigDict(dict(checkpoint="", init_proj_layers=0))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
     return config
 
 
@@ -242,17 +257,22 @@ def medical_pretrain_config(arg: str | None, mode: str) -> ml_collections.Config
     return config
 
 
-def runlocal_pretrain(config: ml_collections.ConfigDict) -> None:
-    """Shrinks a pre-training config in place to a CPU smoke run (seconds, not days)."""
+def _shrink(config: ml_collections.ConfigDict, warmup_steps: int) -> None:
+    """6 steps of 16 examples at 32 px, logged every 2 and checkpointed every 3."""
     config.batch_size = 16
     config.total_epochs = None
     config.total_steps = 6
     config.warmup_epochs = None
-    config.warmup_steps = 2
+    config.warmup_steps = warmup_steps
     config.log_every_steps = 2
     config.checkpoint_every_steps = 3
     config.data.image_size = 32
     config.data.shuffle_buffer = 64
+
+
+def runlocal_pretrain(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a pre-training config in place to a CPU smoke run (seconds, not days)."""
+    _shrink(config, warmup_steps=2)
 
 
 def finetune_config(arch: str) -> ml_collections.ConfigDict:
@@ -274,18 +294,10 @@ def finetune_config(arch: str) -> ml_collections.ConfigDict:
     `init.init_proj_layers` (SimCLR's ft_proj_selector: the head reads the
     output of the last projection layer copied from the init checkpoint).
     """
-    config = ml_collections.ConfigDict()
-    config.trainer = "finetune"
-    config.seed = 0
-    config.batch_size = 1024
+    config = _run_config(
+        "finetune", batch_size=1024, total_epochs=60.0, warmup_epochs=0.0, checkpoint_every=1000
+    )
     config.eval_batch_size = 1024
-    config.total_epochs = 60.0
-    config.total_steps = ml_collections.config_dict.placeholder(int)
-    config.warmup_epochs = 0.0
-    config.warmup_steps = ml_collections.config_dict.placeholder(int)
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 5  # SimCLR: keep_checkpoint_max 5
     config.zero_init_head = True  # SimCLR: zero_init_logits_layer
     config.select_best = ""
     config.bootstrap_samples = 1000
@@ -293,42 +305,17 @@ def finetune_config(arch: str) -> ml_collections.ConfigDict:
     config.model = model_config(arch, head_stop_gradient=False)
     config.model.head_input = config.init.get_ref("init_proj_layers")
     config.data = data_config(mode="supervised", augment="supervised")
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="lars",
-            base_lr=0.005,
-            lr_scaling="sqrt",  # 0.005 * sqrt(1024) = 0.16
-            schedule="cosine",
-            momentum=0.9,
-            weight_decay=0.0,
-            eeta=1e-3,
-            # SimCLR tf2/model.py: the supervised head keeps weight decay but
-            # skips LARS's trust ratio (it would all but freeze a small head).
-            trust_ratio_exclude=("^head/",),
-            nesterov=False,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-        )
-    )
+    # 0.005 * sqrt(1024) = 0.16
+    config.optim = optim_config(base_lr=0.005, weight_decay=0.0)
     config.evals = ml_collections.ConfigDict()
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
     return config
 
 
 def runlocal_finetune(config: ml_collections.ConfigDict) -> None:
     """Shrinks a fine-tuning config in place to a CPU smoke run (seconds, not hours)."""
-    config.batch_size = 16
+    _shrink(config, warmup_steps=1)
     config.eval_batch_size = 64
-    config.total_epochs = None
-    config.total_steps = 6
-    config.warmup_epochs = None
-    config.warmup_steps = 1
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 3
     config.bootstrap_samples = 100
-    config.data.image_size = 32
-    config.data.shuffle_buffer = 64
     config.data.cache_decoded = True
     for entry in config.evals.values():
         if entry.get("every_steps"):
