@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from micle_jax.evaluators import base, bootstrap, metrics
-from micle_jax.evaluators.data import Context, EvalData, eval_seed
+from micle_jax.evaluators.data import Context, EvaluatorFields
 
 EXTRA_FIELDS = ("bootstrap_samples", "topk")
 DEFAULT_TOPK = (3, 5)
@@ -91,22 +91,13 @@ def classification_metrics(
     return base.EvalOutput(result, artifacts)
 
 
-class ClassificationEvaluator:
+class ClassificationEvaluator(EvaluatorFields):
     """config.evals.NAME = dict(type='classification', data=..., [label_map, topk, ...])."""
 
     def __init__(self, name: str, entry: Mapping, ctx: Context):
-        base.check_fields(name, entry, EXTRA_FIELDS)
-        self.name = name
-        self.data = EvalData(name, entry, ctx)
+        super().__init__(name, entry, ctx, EXTRA_FIELDS, default_samples=1000)
         self.label_map = self.data.check_labels("multiclass", entry.get("label_map"))
-        self.split, self.dataset = self.data.split, self.data.dataset
-        self.every_steps = int(entry.get("every_steps") or 0)
-        self.in_results = bool(entry.get("in_results", True))
         self.topk = tuple(entry.get("topk") or DEFAULT_TOPK)
-        self.samples = int(
-            entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", 1000))
-        )
-        self.seed = eval_seed(ctx.config, name)
         self.class_names = list(ctx.task.class_names)
 
     def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:

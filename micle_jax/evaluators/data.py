@@ -103,3 +103,55 @@ class EvalData:
                 "no images"
             )
         return result
+
+
+class EvaluatorFields:
+    """What every evaluator reads from its config entry (base.Evaluator's attributes).
+
+    Checks the entry's fields, builds its EvalData and sets name, data, split,
+    dataset, every_steps, in_results, samples (bootstrap resamples: the
+    entry's, else config.bootstrap_samples, else `default_samples`) and seed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        entry: Mapping,
+        ctx: Context,
+        extra_fields: tuple[str, ...],
+        default_samples: int,
+    ):
+        base.check_fields(name, entry, extra_fields)
+        self.name = name
+        self.data = EvalData(name, entry, ctx)
+        self.split, self.dataset = self.data.split, self.data.dataset
+        self.every_steps = int(entry.get("every_steps") or 0)
+        self.in_results = bool(entry.get("in_results", True))
+        self.samples = int(
+            entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", default_samples))
+        )
+        self.seed = eval_seed(ctx.config, name)
+
+    def train_data(self, entry: Mapping, ctx: Context, accepted, kind: str) -> EvalData:
+        """The features' training data (train_data overrides on the train split).
+
+        Both it and the evaluated data must have a label type in `accepted`,
+        and the same classes and label type.
+        """
+        overrides = {"split": "train", **dict(entry.get("train_data") or {})}
+        train = EvalData(self.name, entry, ctx, data_override=overrides)
+        for part in (self.data, train):
+            if part.label_type not in accepted:
+                raise ValueError(
+                    f"eval {self.name!r} ({kind}) needs {' or '.join(accepted)} labels; "
+                    f"{part.config.source} split {part.split!r} is {part.label_type!r}"
+                )
+        if (train.info.class_names, train.label_type) != (
+            self.data.info.class_names,
+            self.data.label_type,
+        ):
+            raise ValueError(
+                f"eval {self.name!r}: train_data classes {train.info.class_names} differ from "
+                f"the evaluated data's {self.data.info.class_names}"
+            )
+        return train

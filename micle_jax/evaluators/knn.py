@@ -20,7 +20,7 @@ import numpy as np
 
 from micle_jax.evaluators import base
 from micle_jax.evaluators.classification import classification_metrics
-from micle_jax.evaluators.data import Context, EvalData, eval_seed
+from micle_jax.evaluators.data import Context, EvaluatorFields
 
 EXTRA_FIELDS = ("train_data", "k", "temperature", "bootstrap_samples")
 
@@ -68,35 +68,16 @@ def knn_scores(
     return votes
 
 
-class KnnEvaluator:
+class KnnEvaluator(EvaluatorFields):
     """config.evals.NAME = dict(type='knn', data=..., train_data=..., [k, temperature])."""
 
     def __init__(self, name: str, entry: Mapping, ctx: Context):
-        base.check_fields(name, entry, EXTRA_FIELDS)
-        self.name = name
-        self.data = EvalData(name, entry, ctx)
-        train_overrides = {"split": "train", **dict(entry.get("train_data") or {})}
-        self.train = EvalData(name, entry, ctx, data_override=train_overrides)
-        for part in (self.data, self.train):
-            if part.label_type != "multiclass":
-                raise ValueError(
-                    f"eval {name!r} (k-NN) needs multiclass labels; {part.config.source} split "
-                    f"{part.split!r} is {part.label_type!r}"
-                )
-        if self.train.info.class_names != self.data.info.class_names:
-            raise ValueError(
-                f"eval {name!r}: train_data classes {self.train.info.class_names} differ from "
-                f"the evaluated data's {self.data.info.class_names}"
-            )
-        self.split, self.dataset = self.data.split, self.data.dataset
-        self.every_steps = int(entry.get("every_steps") or 0)
-        self.in_results = bool(entry.get("in_results", True))
+        super().__init__(name, entry, ctx, EXTRA_FIELDS, default_samples=0)
+        self.train = self.train_data(entry, ctx, ("multiclass",), "k-NN")
         self.k = int(entry.get("k", 20))
         self.temperature = float(entry.get("temperature", 0.07))
         if self.k < 1 or self.temperature <= 0:
             raise ValueError(f"eval {name!r}: k={self.k} must be >= 1 and temperature > 0")
-        self.samples = int(entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", 0)))
-        self.seed = eval_seed(ctx.config, name)
 
     def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
         """k-NN accuracy of the evaluated split against the train split's features."""

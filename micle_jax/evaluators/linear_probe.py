@@ -26,7 +26,7 @@ import optax
 from micle_jax import losses
 from micle_jax.evaluators import base
 from micle_jax.evaluators.classification import classification_metrics
-from micle_jax.evaluators.data import Context, EvalData, eval_seed
+from micle_jax.evaluators.data import Context, EvaluatorFields
 from micle_jax.evaluators.multilabel import multilabel_metrics
 
 EXTRA_FIELDS = ("train_data", "l2", "steps", "bootstrap_samples")
@@ -97,36 +97,14 @@ def fit_linear_probe(
     return np.asarray(test @ np.asarray(params["w"]) + np.asarray(params["b"]), np.float32)
 
 
-class LinearProbeEvaluator:
+class LinearProbeEvaluator(EvaluatorFields):
     """config.evals.NAME = dict(type='linear_probe', data=..., train_data=..., [l2, steps])."""
 
     def __init__(self, name: str, entry: Mapping, ctx: Context):
-        base.check_fields(name, entry, EXTRA_FIELDS)
-        self.name = name
-        self.data = EvalData(name, entry, ctx)
-        train_overrides = {"split": "train", **dict(entry.get("train_data") or {})}
-        self.train = EvalData(name, entry, ctx, data_override=train_overrides)
-        for part in (self.data, self.train):
-            if part.label_type not in base.LABEL_TYPES:
-                raise ValueError(
-                    f"eval {name!r} (linear probe) needs labels; {part.config.source} split "
-                    f"{part.split!r} has label type {part.label_type!r}"
-                )
-        if (self.train.info.class_names, self.train.label_type) != (
-            self.data.info.class_names,
-            self.data.label_type,
-        ):
-            raise ValueError(
-                f"eval {name!r}: train_data classes {self.train.info.class_names} differ from "
-                f"the evaluated data's {self.data.info.class_names}"
-            )
-        self.split, self.dataset = self.data.split, self.data.dataset
-        self.every_steps = int(entry.get("every_steps") or 0)
-        self.in_results = bool(entry.get("in_results", True))
+        super().__init__(name, entry, ctx, EXTRA_FIELDS, default_samples=0)
+        self.train = self.train_data(entry, ctx, base.LABEL_TYPES, "linear probe")
         self.l2 = float(entry.get("l2", 1e-4))
         self.steps = int(entry.get("steps", 300))
-        self.samples = int(entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", 0)))
-        self.seed = eval_seed(ctx.config, name)
 
     def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
         """Fits on the train split's features, evaluates on `data`."""
