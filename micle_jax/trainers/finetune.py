@@ -29,12 +29,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview
 
 from micle_jax import checkpoint, config_lib, evaluators, optim, sharding
 from micle_jax.data import fractions, pipeline
 from micle_jax.evaluators import base
-from micle_jax.trainers import harness
+from micle_jax.trainers import harness, loop
 from micle_jax.trainers import supervised_step as step_lib
 
 BEST_DIR = "best"
@@ -176,13 +176,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     harness.write_status(workdir, "running", step=start_step, total_steps=total_steps)
 
-    # --- The update step: donated state, explicit shardings. ---
-    train_step = jax.jit(
-        step_lib.make_train_step(model, tx, schedule, task.label_type),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
     dataset = pipeline.make_dataset(
         config.data,
         mode="supervised",
@@ -190,12 +183,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seed=config.seed,
         start_step=start_step,
     )
-    batches = dataset.as_numpy_iterator()
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
-    )
-    preemption = harness.Preemption(manager)
-    pending, last = [], {}
 
     def variables_of(s):
         return {"params": s.params, "batch_stats": s.batch_stats}
@@ -212,52 +199,23 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             logging.info("New best %s=%.4f at step %d", config.select_best, value, at_step)
 
-    # --- Train loop. ---
-    step = start_step
-    try:
-        while step < total_steps:
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding.host_to_global(next(batches), mesh)
-                state, measurements = train_step(state, batch)
-            step += 1
-            pending.append((step, measurements))
-            progress(step)
-            stop = preemption.should_stop(step)
-            log_now = harness.run_periodically(config.log_every_steps, step, total_steps)
-            save_now = stop or harness.run_periodically(
-                config.checkpoint_every_steps, step, total_steps
-            )
-            if log_now or save_now:
-                summary = harness.drain_measurements(pending, manager)
-                pending = []
-                if log_now:
-                    writer.write_scalars(step, summary)
-                    last = summary
-            if save_now:
-                checkpoint.save(manager, step, state, {**meta, "step": step})
-            # Periodic evals (the last step's happen in the final evaluation below).
-            due = [
-                n
-                for n, e in evals.items()
-                if e.every_steps and step % e.every_steps == 0 and step < total_steps
-            ]
-            if due:
-                outputs, _, _ = evaluators.run_evaluators(
-                    evals, variables_of(state), step, names=due
-                )
-                writer.write_scalars(step, evaluators.scalars(outputs))
-                keep_if_best(state, step, outputs)
-            if stop:
-                logging.warning("Stopped at step %d by preemption; rerun to resume", step)
-                break
-        manager.wait_until_finished()
-    except harness.NonFiniteLoss as e:
-        manager.wait_until_finished()
-        harness.write_status(workdir, "failed", step=step, error=str(e))
-        raise
-    finally:
-        preemption.close()
-        writer.flush()
+    # --- Train loop (the last step's evals are the final evaluation below). ---
+    state, step, last = loop.train(
+        config,
+        workdir,
+        state,
+        state_shardings,
+        step_lib.make_train_step(model, tx, schedule, task.label_type),
+        dataset.as_numpy_iterator(),
+        mesh,
+        manager,
+        meta,
+        writer,
+        total_steps,
+        evals,
+        evals_at_last_step=False,
+        on_eval=keep_if_best,
+    )
     if step < total_steps:
         harness.write_status(workdir, "preempted", step=step, total_steps=total_steps)
         manager.close()

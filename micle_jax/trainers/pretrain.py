@@ -15,11 +15,11 @@ import os
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview
 
 from micle_jax import checkpoint, config_lib, evaluators, models, optim, sharding
 from micle_jax.data import pipeline
-from micle_jax.trainers import contrastive_step, harness
+from micle_jax.trainers import contrastive_step, harness, loop
 
 MODES = ("simclr", "micle")
 
@@ -112,13 +112,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     harness.write_status(workdir, "running", step=start_step, total_steps=total_steps)
 
-    # --- The update step: donated state, explicit shardings. ---
-    train_step = jax.jit(
-        contrastive_step.make_train_step(model, tx, schedule, config.loss.temperature, probe),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    # --- Input pipeline at the resumed step, then the train loop. ---
     dataset = pipeline.make_dataset(
         config.data,
         mode=config.data.mode,
@@ -126,53 +120,20 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seed=config.seed,
         start_step=start_step,
     )
-    batches = dataset.as_numpy_iterator()
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    state, step, last = loop.train(
+        config,
+        workdir,
+        state,
+        state_shardings,
+        contrastive_step.make_train_step(model, tx, schedule, config.loss.temperature, probe),
+        dataset.as_numpy_iterator(),
+        mesh,
+        manager,
+        meta,
+        writer,
+        total_steps,
+        evals,
     )
-    preemption = harness.Preemption(manager)
-    pending, summary, last = [], {}, {}
-
-    # --- Train loop. ---
-    step = start_step
-    try:
-        while step < total_steps:
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding.host_to_global(next(batches), mesh)
-                state, measurements = train_step(state, batch)
-            step += 1
-            pending.append((step, measurements))
-            progress(step)
-            stop = preemption.should_stop(step)
-            log_now = harness.run_periodically(config.log_every_steps, step, total_steps)
-            save_now = stop or harness.run_periodically(
-                config.checkpoint_every_steps, step, total_steps
-            )
-            if log_now or save_now:
-                # Only finite states are ever checkpointed.
-                summary = harness.drain_measurements(pending, manager)
-                pending = []
-            if log_now:
-                writer.write_scalars(step, summary)
-                last = summary
-            if save_now:
-                checkpoint.save(manager, step, state, {**meta, "step": step})
-            due = [n for n, e in evals.items() if e.every_steps and step % e.every_steps == 0]
-            if due:
-                variables = {"params": state.params, "batch_stats": state.batch_stats}
-                outputs, _, _ = evaluators.run_evaluators(evals, variables, step, names=due)
-                writer.write_scalars(step, evaluators.scalars(outputs))
-            if stop:
-                logging.warning("Stopped at step %d by preemption; rerun to resume", step)
-                break
-        manager.wait_until_finished()
-    except harness.NonFiniteLoss as e:
-        manager.wait_until_finished()
-        harness.write_status(workdir, "failed", step=step, error=str(e))
-        raise
-    finally:
-        preemption.close()
-        writer.flush()
     status = "finished" if step >= total_steps else "preempted"
     harness.write_status(workdir, status, step=step, total_steps=total_steps, measurements=last)
     if is_main:
