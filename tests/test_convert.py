@@ -13,11 +13,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from micle_jax.data import records
+from micle_jax.data import make_demo_data, records
 from micle_jax.data.convert import convert, parse_num_shards, verify_dataset
-from micle_jax.data.convert_images import ImageOptions
+from micle_jax.data.convert_images import ImageOptions, encode_image
 from micle_jax.data.convert_inputs import (
     ConversionError,
+    ImageSpec,
     assign_split,
     cases_from_csv,
     cases_from_npz,
@@ -302,6 +303,72 @@ def test_rgb_jpeg_kept_or_resized(tmp_path):
             assert abs(decoded.mean() - original.mean()) < 20
 
 
+def test_jpeg_reencoding_is_close_to_png_and_deterministic(tmp_path):
+    y, x = np.mgrid[0:60, 0:80]
+    smooth = np.stack([x * 3, y * 4, (x + y) * 1.5], -1).astype(np.uint8)  # smooth, as photos are
+    spec = ImageSpec("rgb", file=_save(str(tmp_path / "rgb.png"), smooth))
+    png, png_format = encode_image(spec, ImageOptions(32))
+    jpeg, jpeg_format = encode_image(spec, ImageOptions(32, image_format="jpeg"))
+    assert (png_format, jpeg_format) == ("png", "jpeg") and jpeg[:3] == b"\xff\xd8\xff"
+    assert encode_image(spec, ImageOptions(32, image_format="jpeg")) == (jpeg, "jpeg")
+    lossless = tf.io.decode_png(png).numpy().astype(np.int64)
+    lossy = tf.io.decode_jpeg(jpeg).numpy().astype(np.int64)
+    assert lossless.shape == lossy.shape == (24, 32, 3)
+    assert np.abs(lossless - lossy).mean() < 2 and np.abs(lossless - lossy).max() < 16
+    coarse, _ = encode_image(spec, ImageOptions(32, image_format="jpeg", jpeg_quality=20))
+    assert len(coarse) < len(jpeg)
+    # JPEG only changes re-encoded images: a PNG within the size limit keeps its bytes.
+    original = (tmp_path / "rgb.png").read_bytes()
+    assert encode_image(spec, ImageOptions(image_format="jpeg")) == (original, "png")
+    plan = _plan(tmp_path, [dict(case="c", path="rgb.png")], label_column=None)
+    for bad in (dict(image_format="gif"), dict(image_format="jpeg", jpeg_quality=0)):
+        with pytest.raises(ConversionError, match="bad image options"):
+            convert(plan, str(tmp_path / "bad"), options=ImageOptions(**bad))
+
+
+def test_grayscale_stores_one_channel(tmp_path):
+    y, x = np.mgrid[0:30, 0:40]
+    gray = (x * 5 + y * 2).astype(np.uint8)
+    xray = _save(str(tmp_path / "img" / "xray.jpg"), np.repeat(gray[..., None], 3, -1), "JPEG")
+    spec = ImageSpec("xray", file=xray)
+    original = (tmp_path / "img" / "xray.jpg").read_bytes()
+    assert encode_image(spec, ImageOptions()) == (original, "jpeg")  # RGB kept as it is
+    png, png_format = encode_image(spec, ImageOptions(grayscale=True))
+    decoded = tf.io.decode_png(png).numpy()
+    assert png_format == "png" and decoded.shape == (30, 40, 1)
+    luma = np.asarray(Image.open(xray).convert("L"))  # ITU-R 601-2, PIL's reference
+    np.testing.assert_array_equal(decoded[..., 0], luma)
+    assert np.abs(decoded[..., 0].astype(np.int64) - gray).max() < 8
+    one_channel = _save(str(tmp_path / "img" / "gray.png"), gray)
+    kept = encode_image(ImageSpec("gray", file=one_channel), ImageOptions(grayscale=True))
+    assert kept == ((tmp_path / "img" / "gray.png").read_bytes(), "png")
+    # Through the converter: stored as 1-channel JPEG, the options in dataset_info.json.
+    rows = [dict(case="c", path="img/xray.jpg"), dict(case="c", path="img/gray.png")]
+    options = ImageOptions(16, image_format="jpeg", jpeg_quality=80, grayscale=True)
+    info = convert(_plan(tmp_path, rows, label_column=None), str(tmp_path / "out"), options=options)
+    ((_, case),) = _read(tmp_path / "out")[1]
+    assert list(case["formats"]) == [b"jpeg", b"jpeg"]
+    assert [tf.io.decode_jpeg(i).shape for i in case["images"]] == [(12, 16, 1)] * 2
+    args = info.converter["args"]
+    assert (args["image_format"], args["jpeg_quality"], args["grayscale"]) == ("jpeg", 80, True)
+    default = convert(_plan(tmp_path, rows, label_column=None), str(tmp_path / "default"))
+    assert not {"image_format", "jpeg_quality", "grayscale"} & set(default.converter["args"])
+
+
+def test_default_options_rebuild_the_shipped_demo_byte_for_byte(tmp_path, shared_data, monkeypatch):
+    # The demo was converted before --image_format / --grayscale existed: with the
+    # defaults, the converter must still write identical shards and dataset_info.json
+    # (which records the relative --shared path, hence the chdir).
+    del shared_data  # only skips when ../shared/data is absent
+    monkeypatch.chdir(REPO_ROOT)
+    make_demo_data.make_hannover("../shared/data", str(tmp_path), 64)
+    shipped = os.path.join(REPO_ROOT, "data", "demo", "hannover_cxr")
+    assert sorted(os.listdir(tmp_path / "hannover_cxr")) == sorted(os.listdir(shipped))
+    for name in os.listdir(shipped):
+        rebuilt = (tmp_path / "hannover_cxr" / name).read_bytes()
+        assert rebuilt == open(os.path.join(shipped, name), "rb").read(), name
+
+
 def test_multilabel_and_multiclass_values(tmp_path):
     _save(str(tmp_path / "img" / "a.png"), np.zeros((3, 3), np.uint8))
     _save(str(tmp_path / "img" / "b.png"), np.ones((3, 3), np.uint8))
@@ -456,3 +523,11 @@ def test_command_line(tmp_path):
     )
     again = convert(plan, str(tmp_path / "again"), num_shards={"train": 2}, on_error="skip")
     assert again.splits == info.splits
+    flags = ["--image_format=jpeg", "--jpeg_quality=80", "--grayscale", "--resize_longer_side=4"]
+    done = subprocess.run(
+        command[:-1] + flags + [f"--out={tmp_path / 'jpeg'}"], cwd=REPO_ROOT, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    args = records.load_info(str(tmp_path / "jpeg")).converter["args"]
+    assert (args["image_format"], args["jpeg_quality"], args["grayscale"]) == ("jpeg", 80, True)
+    assert {f for _, case in _read(tmp_path / "jpeg")[1] for f in case["formats"]} == {b"jpeg"}

@@ -185,10 +185,7 @@ def convert(
     if on_error not in ("fail", "skip"):
         raise ConversionError(f"--on_error={on_error!r}: use 'fail' or 'skip'")
     options = options or ImageOptions()
-    if options.sixteen_bit not in SIXTEEN_BIT or options.resize_longer_side < 0:
-        raise ConversionError(
-            f"bad image options {options}: sixteen_bit in {SIXTEEN_BIT}, resize_longer_side >= 0"
-        )
+    options.check()
     _check_destination(out, overwrite)
     excluded = set(exclude_cases)
     kept = [c for c in plan.cases if c.case_id not in excluded]
@@ -225,7 +222,7 @@ def convert(
                     num_shards=num_shards,
                     on_error=on_error,
                     excluded_cases=len(plan.cases) - len(kept),
-                    **dataclasses.asdict(options),
+                    **options.as_args(),
                 ),
             )
             records.write_info(temporary, info)
@@ -339,6 +336,14 @@ def _define_flags() -> None:
     flags.DEFINE_string("num_shards", "1", "shards per split: 8, or train=16,validation=2")
     flags.DEFINE_integer("resize_longer_side", 0, "shrink larger images to this many pixels")
     flags.DEFINE_enum("sixteen_bit", "min_max", SIXTEEN_BIT, "16-bit to 8-bit scaling")
+    flags.DEFINE_enum(
+        "image_format",
+        ImageOptions.image_format,
+        records.IMAGE_FORMATS,
+        "format of re-encoded images (files kept byte for byte keep theirs)",
+    )
+    flags.DEFINE_integer("jpeg_quality", ImageOptions.jpeg_quality, "quality of re-encoded JPEGs")
+    flags.DEFINE_bool("grayscale", False, "store 8-bit single-channel images (X-rays saved as RGB)")
     flags.DEFINE_enum("on_error", "fail", ["fail", "skip"], "bad input: stop, or leave it out")
     flags.DEFINE_integer("num_workers", None, "image threads (default: CPU count)")
     flags.DEFINE_bool("overwrite", False, "replace an existing dataset at --out")
@@ -373,7 +378,13 @@ def main(argv: list[str]) -> None:
             f.out,
             exclude_cases=read_case_list(f.exclude_cases) if f.exclude_cases else (),
             num_shards=parse_num_shards(f.num_shards),
-            options=ImageOptions(f.resize_longer_side, f.sixteen_bit),
+            options=ImageOptions(
+                resize_longer_side=f.resize_longer_side,
+                sixteen_bit=f.sixteen_bit,
+                image_format=f.image_format,
+                jpeg_quality=f.jpeg_quality,
+                grayscale=f.grayscale,
+            ),
             on_error=f.on_error,
             num_workers=f.num_workers,
             overwrite=f.overwrite,

@@ -1,9 +1,10 @@
 """Decodes, checks and re-encodes the converter's images (PIL).
 
 8-bit grayscale or RGB PNG/JPEG files are copied byte for byte; everything else
-(16-bit PNG, palette, alpha, CMYK, arrays, or an image to be resized) is
-re-encoded as an 8-bit grayscale or RGB PNG, the two layouts every decoder
-downstream (tf.io.decode_image) reads alike.
+(16-bit PNG, palette, alpha, CMYK, arrays, an image to be resized, or an RGB
+image to be stored as grayscale) is re-encoded as an 8-bit grayscale or RGB PNG
+(or JPEG with `image_format='jpeg'`), the two layouts every decoder downstream
+(tf.io.decode_image) reads alike.
 """
 
 from __future__ import annotations
@@ -17,17 +18,54 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from micle_jax.data.convert_inputs import ImageSpec, Problem
+from micle_jax.data import records
+from micle_jax.data.convert_inputs import ConversionError, ImageSpec, Problem
 
 SIXTEEN_BIT = ("min_max", "full_range")
 
 
 @dataclasses.dataclass
 class ImageOptions:
-    """How images are re-encoded. `resize_longer_side`: 0 keeps the size."""
+    """How images are re-encoded.
+
+    resize_longer_side: 0 keeps the size, else shrink to this longer side.
+    sixteen_bit: 16-bit to 8-bit scaling, one of SIXTEEN_BIT.
+    image_format: 'png' or 'jpeg', the format of re-encoded images (files kept
+      byte for byte keep theirs).
+    jpeg_quality: libjpeg quality 1..100 of re-encoded JPEGs.
+    grayscale: store 8-bit single-channel images (ITU-R 601-2 luma of RGB
+      inputs), e.g. for X-rays saved as RGB.
+    """
 
     resize_longer_side: int = 0
     sixteen_bit: str = "min_max"
+    image_format: str = "png"
+    jpeg_quality: int = 90
+    grayscale: bool = False
+
+    def check(self) -> None:
+        """Raises ConversionError if an option is out of range."""
+        if (
+            self.sixteen_bit not in SIXTEEN_BIT
+            or self.resize_longer_side < 0
+            or self.image_format not in records.IMAGE_FORMATS
+            or not 1 <= self.jpeg_quality <= 100
+        ):
+            raise ConversionError(
+                f"bad image options {self}: sixteen_bit in {SIXTEEN_BIT}, resize_longer_side "
+                f">= 0, image_format in {records.IMAGE_FORMATS}, jpeg_quality in 1..100"
+            )
+
+    def as_args(self) -> dict:
+        """The options as recorded in dataset_info.json's converter args."""
+        args = dataclasses.asdict(self)
+        # Options added after converter 1.0.0 are listed only when they change the
+        # output, so datasets converted before them keep identical info files.
+        if self.image_format == "png":
+            del args["image_format"], args["jpeg_quality"]
+        if not self.grayscale:
+            del args["grayscale"]
+        return args
 
 
 def _read_image(spec: ImageSpec) -> tuple[bytes | None, Image.Image]:
@@ -51,10 +89,8 @@ def _read_image(spec: ImageSpec) -> tuple[bytes | None, Image.Image]:
     return data, image
 
 
-def _to_8bit(image: Image.Image, sixteen_bit: str) -> Image.Image:
+def _to_8bit(image: Image.Image, sixteen_bit: str, grayscale: bool) -> Image.Image:
     """Grayscale 'L' or 'RGB', the two layouts every decoder downstream handles."""
-    if image.mode in ("L", "RGB"):
-        return image
     if image.mode.startswith("I") or image.mode == "F":
         # 16-bit PNG (CR/DX exports): 'min_max' stretches each image's own range to
         # 0..255 because 12-bit data in a 16-bit file would otherwise be nearly black;
@@ -63,15 +99,22 @@ def _to_8bit(image: Image.Image, sixteen_bit: str) -> Image.Image:
         low, high = (pixels.min(), pixels.max()) if sixteen_bit == "min_max" else (0.0, 65535.0)
         scaled = (pixels - low) * (255.0 / max(high - low, 1e-12))
         return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+    if grayscale:
+        # ITU-R 601-2 luma of RGB; alpha is dropped, not composited.
+        return image if image.mode == "L" else image.convert("L")
+    if image.mode in ("L", "RGB"):
+        return image
     # Palette, alpha, 1-bit, CMYK, ...: alpha is dropped, not composited.
     return image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
 
 
-def _kept_format(data: bytes | None, image: Image.Image, limit: int) -> str | None:
+def _kept_format(data: bytes | None, image: Image.Image, options: ImageOptions) -> str | None:
     """The file's format if its bytes can be stored unchanged, else None."""
     file_format = {"PNG": "png", "JPEG": "jpeg"}.get(image.format or "")
+    limit = options.resize_longer_side
     fits = not limit or max(image.size) <= limit  # never upscales
-    if data is not None and file_format and image.mode in ("L", "RGB") and fits:
+    modes = ("L",) if options.grayscale else ("L", "RGB")
+    if data is not None and file_format and image.mode in modes and fits:
         return file_format
     return None
 
@@ -79,22 +122,30 @@ def _kept_format(data: bytes | None, image: Image.Image, limit: int) -> str | No
 def encode_image(spec: ImageSpec, options: ImageOptions) -> tuple[bytes, str]:
     """(encoded bytes, 'png' | 'jpeg') of one image, as stored in image/encoded.
 
-    An 8-bit grayscale or RGB PNG/JPEG that needs no resizing keeps its file's
-    bytes; anything else (16-bit, palette, alpha, arrays, resized) becomes PNG.
+    An 8-bit grayscale (or, unless `options.grayscale`, RGB) PNG/JPEG that needs
+    no resizing keeps its file's bytes; anything else (16-bit, palette, alpha,
+    arrays, resized, RGB to grayscale) is re-encoded as `options.image_format`.
+    Re-encoding is deterministic: the same input and options give the same bytes
+    (with the same PIL and libjpeg build).
     """
     data, image = _read_image(spec)
     limit = options.resize_longer_side
-    kept = _kept_format(data, image, limit)
+    kept = _kept_format(data, image, options)
     if kept:
         return data, kept
-    image = _to_8bit(image, options.sixteen_bit)
+    image = _to_8bit(image, options.sixteen_bit, options.grayscale)
     if limit and max(image.size) > limit:
         scale = limit / max(image.size)
         size = tuple(max(1, round(s * scale)) for s in image.size)
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)  # antialiased
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue(), "png"
+    if options.image_format == "jpeg":
+        # Baseline, not optimized or progressive: the plain libjpeg path, the same
+        # bytes every run. PIL's default 4:2:0 chroma subsampling for RGB.
+        image.save(buffer, format="JPEG", quality=options.jpeg_quality)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue(), options.image_format
 
 
 def check_image(spec: ImageSpec, options: ImageOptions) -> Problem | None:
@@ -104,7 +155,7 @@ def check_image(spec: ImageSpec, options: ImageOptions) -> Problem | None:
         return Problem("image file not found", **where)
     try:
         data, image = _read_image(spec)
-        if _kept_format(data, image, options.resize_longer_side):
+        if _kept_format(data, image, options):
             # Bytes stored unchanged are decoded in training by TensorFlow, which is
             # stricter than PIL (it rejects a PNG cut short after its pixel data).
             tf.io.decode_image(data, expand_animations=False)
