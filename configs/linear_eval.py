@@ -3,7 +3,8 @@ r"""Linear evaluation: a linear head on frozen pre-trained features (SimCLR's pr
 SimCLR's linear evaluation (google-research/simclr README): train_mode=finetune
 with fine_tune_after_block=4 (the whole backbone frozen, its BatchNorm on
 running averages), the head on the backbone's features (ft_proj_selector=0),
-zero-initialised; momentum SGD, lr 0.1 x batch/256, weight decay 1e-6,
+zero-initialised; Nesterov momentum SGD (SimCLR tf2/model.py build_optimizer:
+Keras SGD(momentum, nesterov=True)), lr 0.1 x batch/256, weight decay 1e-6,
 batch 4096, 90 epochs, no warm-up; crop and flip only (no colour distortion).
 The task, data and evaluations are those of configs/finetune_{task}.py.
 
@@ -45,6 +46,10 @@ def get_config(arg=None):
     config.data.augment = "supervised"
     config.data.augment_kwargs = dict(color_jitter_p=0.0)  # SimCLR: crop and flip only
     config.optim.name = "momentum"
+    # Said explicitly (it is also what nesterov=None resolves to for 'momentum'):
+    # SimCLR's momentum optimizer is Keras SGD with nesterov=True; only its
+    # LARS runs classic momentum.
+    config.optim.nesterov = True
     config.optim.base_lr = 0.1
     config.optim.lr_scaling = "linear"
     config.optim.weight_decay = 1e-6

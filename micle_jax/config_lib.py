@@ -139,6 +139,11 @@ def model_config(arch: str, **overrides) -> ml_collections.ConfigDict:
     fields = dict(
         name="resnet",
         **arch_fields(arch),
+        # None: SimCLR's CIFAR stem (conv3x3/1, no max-pool) iff the images are
+        # <= 32 px (tf2/model.py cifar_stem=FLAGS.image_size <= 32), decided
+        # from the model's input; a placeholder so --config.model.cifar_stem=
+        # True/False can force either stem.
+        cifar_stem=ml_collections.config_dict.placeholder(bool),
         proj_layers=3,
         proj_dim=128,
         num_classes=0,
@@ -166,6 +171,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         cache_decoded=False,
         uncertain_policy="ignore",
         label_fraction=1.0,
+        # Pre-training epochs count images in 'simclr' and 'micle' alike: the
+        # same total_epochs is the same steps and views for both.
+        epoch_unit="images",
         num_parallel_calls=-1,  # tf.data.AUTOTUNE
     )
     fields.update(overrides)
@@ -204,7 +212,11 @@ def optim_config(base_lr: float, weight_decay: float) -> ml_collections.ConfigDi
         # SimCLR tf2/model.py: the supervised head keeps weight decay but
         # skips LARS's trust ratio (it would all but freeze a small head).
         trust_ratio_exclude=("^head/",),
-        nesterov=False,
+        # None: as SimCLR's tf2/model.py build_optimizer for the chosen name:
+        # 'momentum' is Keras SGD(nesterov=True), 'lars' classic momentum
+        # (LARSOptimizer's use_nesterov=False); optim.uses_nesterov resolves it.
+        # A placeholder so --config.optim.nesterov=True/False can force either.
+        nesterov=ml_collections.config_dict.placeholder(bool),
         b1=0.9,
         b2=0.999,
         eps=1e-8,
@@ -229,8 +241,10 @@ def pretrain_config(arch: str) -> ml_collections.ConfigDict:
     config.optim = optim_config(base_lr=0.075, weight_decay=1e-4)
     config.loss = ml_collections.ConfigDict(dict(temperature=0.1))
     # Weights only, from another run: its backbone, plus the first
-    # `init_proj_layers` projection layers.
-    config.init = ml_collections.ConfigDict(dict(checkpoint="", init_proj_layers=0))
+    # `init_proj_layers` projection layers; -1 = every layer the checkpoint's head
+    # shares with this one (SimCLR's --checkpoint restores the whole model, head
+    # included). The linear probe's `head` is never copied.
+    config.init = ml_collections.ConfigDict(dict(checkpoint="", init_proj_layers=-1))
     return config
 
 
@@ -241,11 +255,15 @@ def medical_pretrain_config(arg: str | None, mode: str) -> ml_collections.Config
     """Stage-2 config (configs/simclr_medical.py, configs/micle_medical.py).
 
     Args:
-      arg: 'records=DIR,arch=...,init=STAGE1,augment=cxr|simclr,runlocal=True'
-        (records defaults to the embedded demo data).
+      arg: 'records=DIR,arch=...,init=STAGE1,augment=auto|cxr|simclr,runlocal=True'
+        (records defaults to the embedded demo data). augment='auto' (default)
+        is chosen from the records when the pipeline opens them
+        (pipeline.resolve_augment): the paper's no-blur 'cxr' policy for chest
+        X-rays (modality 'cxr', or gray images), SimCLR's colour policy for
+        dermatology (modality 'dermatology', or colour images).
       mode: 'simclr' or 'micle' (config.data.mode).
     """
-    arg = parse_arg(arg, records="", arch="r50x1", init="", augment="cxr", runlocal=False)
+    arg = parse_arg(arg, records="", arch="r50x1", init="", augment="auto", runlocal=False)
     config = pretrain_config(arg.arch)
     config.data.source = f"records:{arg.records or DEMO_PRETRAIN_RECORDS}"
     config.data.mode = mode
@@ -301,7 +319,12 @@ def finetune_config(arch: str) -> ml_collections.ConfigDict:
     config.zero_init_head = True  # SimCLR: zero_init_logits_layer
     config.select_best = ""
     config.bootstrap_samples = 1000
-    config.init = ml_collections.ConfigDict(dict(checkpoint="", init_proj_layers=1))
+    # normalize_head_input: the projection layer the head reads starts at unit
+    # BatchNorm scale (trainers/finetune.py normalize_head_input: pre-training
+    # leaves that scale arbitrary and it sets the head's effective step size).
+    config.init = ml_collections.ConfigDict(
+        dict(checkpoint="", init_proj_layers=1, normalize_head_input=True)
+    )
     config.model = model_config(arch, head_stop_gradient=False)
     config.model.head_input = config.init.get_ref("init_proj_layers")
     config.data = data_config(mode="supervised", augment="supervised")

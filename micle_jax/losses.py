@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # SimCLR tf2/objective.py masks self-similarity by subtracting this constant.
@@ -83,7 +84,7 @@ def nt_xent_with_accuracy(
     loss_a = optax.softmax_cross_entropy_with_integer_labels(logits_a, positives)
     loss_b = optax.softmax_cross_entropy_with_integer_labels(logits_b, positives)
     loss = jnp.mean(loss_a + loss_b)
-    accuracy = jnp.mean((jnp.argmax(logits_ab, axis=1) == positives).astype(jnp.float32))
+    accuracy = jnp.mean(topk_correct(logits_ab, positives, 1))
     return loss, accuracy
 
 
@@ -188,24 +189,41 @@ def sigmoid_cross_entropy(
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
-    """Whether each example's label is among its k largest logits.
+    """Whether each example's label is among its k largest logits, by scikit-learn's rule.
 
-    Ties are broken towards the lower class index (as `jax.lax.top_k`).
+    The one accuracy rule of the package: the training steps call it on traced
+    jax arrays, the evaluators (evaluators/metrics.py) on host NumPy arrays,
+    which it keeps in NumPy (and their own precision). Ties:
+    - top-1 is argmax(logits) == label, ties going to the lowest class index
+      (np.argmax / jnp.argmax): scikit-learn's accuracy_score on argmax
+      predictions, and SimCLR's tf.argmax accuracies;
+    - top-k, k > 1, is scikit-learn's top_k_accuracy_score: classes ranked by a
+      stable ascending sort, reversed, so ties go to the highest class index.
+      Hence with ties a top-1 hit can be a top-2 miss (logits [1, 1, 1],
+      label 0), as in scikit-learn.
 
     Args:
-      logits: [batch, classes] scores.
-      labels: [batch] integer class indices.
-      k: how many top classes count as correct, 1 <= k <= classes.
+      logits: [batch, classes] scores (jax or NumPy).
+      labels: [batch] integer class indices in [0, classes).
+      k: how many top classes count as correct, k >= 1; k >= classes makes
+        every example correct (as scikit-learn).
 
     Returns:
-      [batch] float32, 1.0 where correct and 0.0 elsewhere.
+      [batch] float32 (a NumPy array for NumPy inputs), 1.0 where correct.
     """
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
             f"topk_correct: expected logits [batch, classes] and labels [batch]; got "
             f"{logits.shape} and {labels.shape}."
         )
-    if not 1 <= k <= logits.shape[1]:
-        raise ValueError(f"topk_correct: k={k} must be between 1 and classes={logits.shape[1]}")
-    _, top = jax.lax.top_k(logits, k)
-    return jnp.any(top == labels[:, None], axis=1).astype(jnp.float32)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"topk_correct: k={k!r} must be an integer >= 1")
+    xp = jnp if isinstance(logits, jax.Array) or isinstance(labels, jax.Array) else np
+    if k == 1:
+        return (xp.argmax(logits, axis=1) == labels).astype(xp.float32)
+    # Count the classes ranked above the label, instead of sorting (same
+    # result, no sort): higher logits, and equal logits at a higher index.
+    own = xp.take_along_axis(logits, labels[:, None], axis=1)
+    higher_index = xp.arange(logits.shape[1]) > labels[:, None]
+    ahead = (logits > own) | ((logits == own) & higher_index)
+    return (xp.sum(ahead, axis=1) < k).astype(xp.float32)

@@ -8,7 +8,10 @@ The optimizer config (`config.optim` in the experiment configs) holds:
   schedule      'cosine' (default) | 'linear' | 'constant', after the warm-up
   weight_decay  on kernels only (BatchNorm and biases are excluded, as SimCLR)
   momentum      0.9             (lars, momentum)
-  nesterov      False           (lars, momentum)
+  nesterov      None            (lars, momentum; None = as SimCLR for the optimizer:
+                                 True for momentum, Keras SGD(nesterov=True) in
+                                 tf2/model.py build_optimizer; False for lars,
+                                 whose LARSOptimizer runs classic momentum)
   eeta          1e-3            (lars: trust coefficient)
   trust_ratio_exclude  ()       (lars: regexes, re.search'ed on the '/'-joined
                                  parameter path, whose kernels keep weight
@@ -38,8 +41,8 @@ OPTIMIZERS = ("lars", "momentum", "adamw")
 
 _REQUIRED = object()
 # Field name -> default (_REQUIRED: no default). Defaults are SimCLR's
-# (tf2/run.py: momentum 0.9, LARS eeta 1e-3, classic momentum, no Nesterov)
-# and optax's for Adam.
+# (tf2/run.py: momentum 0.9, LARS eeta 1e-3; Nesterov per optimizer, see
+# uses_nesterov) and optax's for Adam.
 OPTIM_FIELDS: dict[str, Any] = {
     "name": _REQUIRED,
     "base_lr": _REQUIRED,
@@ -47,7 +50,7 @@ OPTIM_FIELDS: dict[str, Any] = {
     "weight_decay": _REQUIRED,
     "schedule": "cosine",
     "momentum": 0.9,
-    "nesterov": False,
+    "nesterov": None,
     "eeta": 1e-3,
     "trust_ratio_exclude": (),
     "b1": 0.9,
@@ -66,6 +69,25 @@ def _field(optim_config: Mapping, key: str):
     if value is _REQUIRED or value is None:
         raise ValueError(f"optim config needs the field {key!r} (e.g. config.optim.{key} = ...)")
     return value
+
+
+def uses_nesterov(optim_config: Mapping) -> bool:
+    """Whether the 'lars' or 'momentum' optimizer of `optim_config` uses Nesterov momentum.
+
+    An explicit True/False wins; None (the default) follows SimCLR's
+    tf2/model.py build_optimizer: 'momentum' is Keras SGD(nesterov=True),
+    'lars' is LARSOptimizer with its default use_nesterov=False (classic
+    momentum, tf2/lars_optimizer.py).
+    """
+    nesterov = optim_config.get("nesterov", OPTIM_FIELDS["nesterov"])
+    if nesterov is None:
+        return _field(optim_config, "name") == "momentum"
+    if not isinstance(nesterov, bool):
+        raise ValueError(
+            f"optim config nesterov={nesterov!r} must be True, False or None (as SimCLR: "
+            "True for momentum, False for lars)"
+        )
+    return nesterov
 
 
 def _check_range(key: str, value, low: float, high: float) -> None:
@@ -195,19 +217,18 @@ def _lars(optim_config: Mapping, schedule: optax.Schedule) -> optax.GradientTran
         eps=0.0,
         trust_ratio_mask=_trust_ratio_mask(exclude) if exclude else decay_mask,
         momentum=_field(optim_config, "momentum"),
-        nesterov=_field(optim_config, "nesterov"),
+        nesterov=uses_nesterov(optim_config),
     )
 
 
 def _momentum(optim_config: Mapping, schedule: optax.Schedule) -> optax.GradientTransformation:
-    # As Keras SGD in SimCLR (v = m v - lr g): the learning rate is applied
-    # before the momentum trace, which matters while the lr changes.
+    # As Keras SGD in SimCLR (v = m v - lr g; with Nesterov, SimCLR's choice,
+    # w += m v - lr g): the learning rate is applied before the momentum trace,
+    # which matters while the lr changes.
     return optax.chain(
         optax.add_decayed_weights(_field(optim_config, "weight_decay"), mask=decay_mask),
         optax.scale_by_learning_rate(schedule),
-        optax.trace(
-            decay=_field(optim_config, "momentum"), nesterov=_field(optim_config, "nesterov")
-        ),
+        optax.trace(decay=_field(optim_config, "momentum"), nesterov=uses_nesterov(optim_config)),
     )
 
 
@@ -238,9 +259,7 @@ def _check_values(optim_config: Mapping) -> str:
         raise ValueError(f"optim config weight_decay={weight_decay} must be >= 0")
     if name in ("lars", "momentum"):
         _check_range("momentum", _field(optim_config, "momentum"), 0.0, 1.0)
-        nesterov = _field(optim_config, "nesterov")
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"optim config nesterov={nesterov!r} must be True or False")
+        uses_nesterov(optim_config)  # validates
     if name == "lars":
         eeta = _field(optim_config, "eeta")
         if not eeta > 0:
@@ -297,10 +316,12 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """The optimizer named by optim_config.name, driven by `schedule`.
 
-    - 'lars': SimCLR's LARS (classic momentum, trust ratio eeta * |w| / |g|,
-      weight decay added to the gradient before the trust ratio; kernels only).
-    - 'momentum': SGD with momentum, weight decay added to the gradient on
-      kernels only (SimCLR's linear evaluation optimizer).
+    - 'lars': SimCLR's LARS (classic momentum unless nesterov=True, trust
+      ratio eeta * |w| / |g|, weight decay added to the gradient before the
+      trust ratio; kernels only).
+    - 'momentum': SGD with Nesterov momentum unless nesterov=False (SimCLR's
+      Keras SGD(nesterov=True), its linear evaluation optimizer), weight decay
+      added to the gradient on kernels only.
     - 'adamw': Adam with decoupled weight decay on kernels only.
 
     Args:

@@ -6,7 +6,7 @@ import pathlib
 import ml_collections
 import pytest
 
-from micle_jax import config_lib
+from micle_jax import config_lib, optim
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,3 +70,28 @@ def test_runlocal_shrinks_and_configs_are_lockable():
         m = load_config(name, "runlocal=True")
         assert m.data.mode == name.split("_")[0]
         assert m.data.source.startswith("records:")
+
+
+def test_nesterov_and_stem_follow_simclr_and_can_be_forced():
+    """SimCLR: Keras SGD(nesterov=True) for momentum, classic LARS; CIFAR stem iff <= 32 px."""
+    pretrain = load_config("simclr_imagenet", "arch=r50x1")
+    assert pretrain.optim.nesterov is None and not optim.uses_nesterov(pretrain.optim)
+    linear = load_config("linear_eval", "runlocal=True")
+    assert linear.optim.name == "momentum" and linear.optim.nesterov is True
+    assert optim.uses_nesterov(linear.optim)
+    assert pretrain.model.cifar_stem is None  # resolved from the image size
+    pretrain.lock()
+    pretrain.optim.nesterov = True  # placeholders take command-line style overrides
+    pretrain.model.cifar_stem = False
+    assert optim.uses_nesterov(pretrain.optim) and pretrain.model.cifar_stem is False
+    with pytest.raises(TypeError):
+        pretrain.model.cifar_stem = "yes"
+
+
+def test_medical_configs_choose_the_augment_policy_by_the_data():
+    # 'auto' is resolved by the pipeline from the records (pipeline.resolve_augment),
+    # never by the config, which reads no files; an explicit policy is kept.
+    for name in ("simclr_medical", "micle_medical"):
+        assert load_config(name).data.augment == "auto"
+        assert load_config(name, "augment=cxr").data.augment == "cxr"
+        assert load_config(name, "augment=simclr,runlocal=True").data.augment == "simclr"

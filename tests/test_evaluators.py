@@ -42,6 +42,39 @@ def test_accuracy_topk_confusion_and_per_class_match_sklearn(multiclass_data):
     )
 
 
+def test_all_equal_logits_top1_is_the_first_class_as_sklearn():
+    """A tie is no hit: argmax picks class 0, as accuracy_score on np.argmax predictions."""
+    num_classes = 4
+    labels = np.arange(40) % num_classes
+    logits = np.zeros((40, num_classes), np.float32)
+    want = skm.accuracy_score(labels, np.argmax(logits, axis=1))
+    assert want == 1 / num_classes
+    assert metrics.accuracy(logits, labels) == want
+    names = [f"c{i}" for i in range(num_classes)]
+    out = classification_metrics(logits, labels, np.arange(40), names, bootstrap_samples=0)
+    assert out.get("accuracy") == want
+    # top3 follows top_k_accuracy_score: ties rank the highest class index first.
+    assert out.get("top3") == skm.top_k_accuracy_score(labels, logits, k=3) == 3 / 4
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 6])
+@pytest.mark.filterwarnings("ignore:'k' .6. greater than or equal to 'n_classes'")
+def test_topk_with_ties_matches_sklearn(k):
+    rng = np.random.default_rng(k)
+    logits = rng.integers(0, 3, (400, 6)).astype(np.float32)  # most rows have ties
+    labels = rng.integers(0, 6, 400)
+    if k == 1:
+        want = skm.accuracy_score(labels, np.argmax(logits, axis=1))
+    else:
+        want = skm.top_k_accuracy_score(labels, logits, k=k, labels=range(6))
+    assert metrics.accuracy(logits, labels, k=k) == pytest.approx(want, abs=1e-12)
+    w = rng.integers(0, 3, 400)
+    weighted = skm.accuracy_score(labels, np.argmax(logits, axis=1), sample_weight=w)
+    if k > 1:
+        weighted = skm.top_k_accuracy_score(labels, logits, k=k, labels=range(6), sample_weight=w)
+    assert metrics.accuracy(logits, labels, w, k=k) == pytest.approx(weighted, abs=1e-12)
+
+
 def test_roc_auc_matches_sklearn_with_ties_and_weights():
     rng = np.random.default_rng(2)
     targets = rng.integers(0, 2, 500)

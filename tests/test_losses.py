@@ -1,13 +1,18 @@
 """Tests for micle_jax/losses.py against NumPy transcriptions of the references."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from sklearn import metrics as skm
 
 from micle_jax import losses
+from micle_jax.evaluators import metrics
+from micle_jax.trainers import contrastive_step, harness, supervised_step
 
 
 def _log_softmax(x):
@@ -200,5 +205,60 @@ def test_topk_correct_matches_numpy():
         assert got.shape == (50,) and got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), want)
     assert float(losses.topk_correct(logits, labels, 7).mean()) == 1.0
-    with pytest.raises(ValueError, match="k=8"):
-        losses.topk_correct(logits, labels, 8)
+    assert float(losses.topk_correct(logits, labels, 8).mean()) == 1.0  # as scikit-learn
+    with pytest.raises(ValueError, match="k=0"):
+        losses.topk_correct(logits, labels, 0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_topk_correct_with_ties_matches_sklearn_and_the_evaluators(k):
+    """One tie rule in training (jax, jitted) and evaluation (NumPy): scikit-learn's."""
+    rng = np.random.default_rng(10 + k)
+    logits = rng.integers(0, 3, (300, 6)).astype(np.float32)  # most rows have ties
+    labels = rng.integers(0, 6, 300)
+    got = jax.jit(losses.topk_correct, static_argnums=2)(logits, labels, k)
+    if k == 1:
+        want = skm.accuracy_score(labels, np.argmax(logits, axis=1))
+    else:
+        want = skm.top_k_accuracy_score(labels, logits, k=k, labels=range(6))
+    assert float(np.mean(np.asarray(got, np.float64))) == pytest.approx(want, abs=1e-12)
+    np.testing.assert_array_equal(np.asarray(got) > 0, metrics.topk_correct(logits, labels, k))
+
+
+class _TiedLogits(nn.Module):
+    """A model whose logits are all equal (zero head) for every input."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, images, train):
+        x = nn.BatchNorm(use_running_average=not train)(images.reshape(images.shape[0], -1))
+        zeros = nn.initializers.zeros
+        logits = nn.Dense(self.num_classes, kernel_init=zeros, bias_init=zeros)(x)
+        return {"projections": nn.Dense(8)(x), "logits": logits}
+
+
+def test_training_steps_score_all_equal_logits_as_sklearn():
+    """train_accuracy and probe_acc on all-equal logits: 1 / classes, as the evaluators."""
+    num_classes, batch = 4, 8
+    model = _TiedLogits(num_classes)
+    images = np.random.default_rng(0).random((batch, 4, 4, 3), dtype=np.float32)
+    labels = (np.arange(batch) % num_classes).astype(np.int32)
+    variables = model.init(jax.random.key(0), images, train=False)
+    tx = optax.sgd(0.1)
+    state = harness.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+    want = skm.accuracy_score(labels, np.zeros(batch, np.int64))
+    assert want == 1 / num_classes
+    schedule = optax.constant_schedule(0.1)
+    step = supervised_step.make_train_step(model, tx, schedule, "multiclass")
+    _, measured = step(state, {"image": images, "label": labels})
+    assert float(measured["train_accuracy"]) == want
+    step = contrastive_step.make_train_step(model, tx, schedule, 0.1, probe=True)
+    batch_views = {"view1": images, "view2": images[::-1], "label": labels}
+    _, measured = step(state, dict(batch_views, multi_instance=np.zeros(batch, bool)))
+    assert float(measured["probe_acc"]) == want

@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from micle_jax import models
+from micle_jax import config_lib, models
 from micle_jax.models import resnet
 from micle_jax.models.heads import LinearHead, ProjectionHead
 
@@ -356,6 +356,48 @@ def test_build_model_from_config():
     assert models.count_params(variables["params"]["projection_head"]) == 3 * 128 * 128 + 5 * 128
 
 
+def _stem_and_last_map(config, size):
+    """(stem param shapes, [H, W] of block_group4's output) for a size x size input."""
+    model = models.build_model(config)
+    images = jnp.zeros((2, size, size, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+
+    def apply(v):
+        capture = lambda mdl, _: mdl.name == "block_group4"  # noqa: E731
+        return model.apply(v, images, train=False, capture_intermediates=capture)
+
+    _, state = jax.eval_shape(apply, variables)
+    last = state["intermediates"]["backbone"]["block_group4"]["__call__"][0]
+    stem = traverse_util.flatten_dict(variables["params"]["backbone"]["stem"], sep="/")
+    return {k: v.shape for k, v in stem.items() if k.endswith("kernel")}, last.shape[1:3]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [models.get_config(depth=18, width=0.25), config_lib.model_config("r18x0.25")],
+    ids=["models.get_config", "config_lib.model_config"],
+)
+def test_stem_default_follows_simclr_image_size_rule(config):
+    """SimCLR tf2/model.py: cifar_stem=FLAGS.image_size <= 32, by default from both configs."""
+    assert config.cifar_stem is None  # 'decide from the image size'
+    # 32 px: one 3x3/1 conv and no max-pool, so only block groups 2-4 halve: 32 -> 4.
+    assert _stem_and_last_map(config, 32) == ({"conv1/kernel": (3, 3, 3, 16)}, (4, 4))
+    # 64 px: ImageNet stem (7x7/2 conv + 3x3/2 max-pool): 64 / 32 = 2.
+    assert _stem_and_last_map(config, 64) == ({"conv1/kernel": (7, 7, 3, 16)}, (2, 2))
+
+
+@pytest.mark.parametrize("sk_ratio", [0.0, 0.0625])
+def test_cifar_stem_override_wins_both_ways(sk_ratio):
+    cifar = models.get_config(depth=50, width=0.25, sk_ratio=sk_ratio, cifar_stem=True)
+    assert _stem_and_last_map(cifar, 64) == ({"conv1/kernel": (3, 3, 3, 16)}, (8, 8))
+    imagenet = models.get_config(depth=50, width=0.25, sk_ratio=sk_ratio, cifar_stem=False)
+    want = {"conv1/kernel": (7, 7, 3, 16)}
+    if sk_ratio:  # SimCLR v2's ResNet-D stem: three 3x3 convs, outside the CIFAR case only.
+        want = {"conv1/kernel": (3, 3, 3, 8), "conv2/kernel": (3, 3, 8, 8)}
+        want["conv3/kernel"] = (3, 3, 8, 16)
+    assert _stem_and_last_map(imagenet, 32) == (want, (1, 1))
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [
@@ -370,6 +412,7 @@ def test_build_model_from_config():
         (dict(fine_tune_after_block=5), "model.fine_tune_after_block"),
         (dict(head_stop_gradient="yes"), "model.head_stop_gradient"),
         (dict(bn_momentum=1.5), "model.bn_momentum"),
+        (dict(cifar_stem="yes"), "model.cifar_stem='yes' must be True"),
         (dict(widht=2), "widht"),
     ],
 )

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from micle_jax import optim
+from micle_jax import config_lib, optim
 
 # Flax parameter path -> the variable name SimCLR's TF model would give it.
 SIMCLR_NAMES = {
@@ -118,6 +118,92 @@ def test_lars_matches_simclr_update_rule(nesterov, head_excluded):
         assert not np.allclose(ref_params[key], start), key
 
 
+def keras_sgd_step(params, grads, velocity, lr, momentum, nesterov):
+    """NumPy transcription of Keras SGD, SimCLR's 'momentum' optimizer (tf2/model.py).
+
+    v = m v - lr g; w = w + m v - lr g with Nesterov (SimCLR), else w = w + v.
+    """
+    new_params, new_velocity = {}, {}
+    for key, w in params.items():
+        g = grads[key]
+        v = momentum * velocity[key] - lr * g
+        new_params[key] = w + momentum * v - lr * g if nesterov else w + v
+        new_velocity[key] = v
+    return new_params, new_velocity
+
+
+def _run(tx, grads_seq):
+    params = jax.tree.map(jnp.asarray, _params())
+    state = tx.init(params)
+    for grads in grads_seq:
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return _flat(params)
+
+
+def _grads_seq(steps=3):
+    rng = np.random.default_rng(5)
+    return [
+        jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), _params())
+        for _ in range(steps)
+    ]
+
+
+def test_momentum_from_the_default_config_is_simclr_nesterov_sgd():
+    """SimCLR's momentum optimizer is Keras SGD(nesterov=True); the default config follows it."""
+    config = config_lib.optim_config(base_lr=0.1, weight_decay=0.0)
+    config.name = "momentum"
+    assert optim.uses_nesterov(config)
+    grads_seq = _grads_seq()
+    # Constant lr: exactly optax.sgd with Nesterov, not without.
+    got = _run(optim.make_optimizer(config, optax.constant_schedule(0.5)), grads_seq)
+    want = _run(optax.sgd(0.5, momentum=0.9, nesterov=True), grads_seq)
+    classic = _run(optax.sgd(0.5, momentum=0.9, nesterov=False), grads_seq)
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6, err_msg=str(key))
+    assert not all(np.allclose(got[k], classic[k]) for k in got)
+    # A warm-up (a new lr every step): Keras' rule step by step.
+    schedule = optim.make_schedule(config, total_steps=10, warmup_steps=3, global_batch_size=256)
+    tx = optim.make_optimizer(config, schedule)
+    params = jax.tree.map(jnp.asarray, _params())
+    state = tx.init(params)
+    ref = _flat(params)
+    velocity = {k: np.zeros_like(v) for k, v in ref.items()}
+    for step, grads in enumerate(grads_seq):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        lr = float(schedule(step))
+        ref, velocity = keras_sgd_step(ref, _flat(grads), velocity, lr, 0.9, True)
+        for key, value in _flat(params).items():
+            np.testing.assert_allclose(value, ref[key], rtol=1e-6, atol=1e-6, err_msg=str(key))
+
+
+def test_lars_from_the_default_config_uses_classic_momentum():
+    """SimCLR's LARSOptimizer runs with use_nesterov=False; so does the default config."""
+    config = config_lib.optim_config(base_lr=0.075, weight_decay=1e-4)
+    assert config.name == "lars" and not optim.uses_nesterov(config)
+    grads_seq = _grads_seq()
+    got = _run(optim.make_optimizer(config, optax.constant_schedule(0.5)), grads_seq)
+    for nesterov in (False, True):
+        ref = _flat(jax.tree.map(jnp.asarray, _params()))
+        velocity = {k: np.zeros_like(v) for k, v in ref.items()}
+        for grads in grads_seq:
+            ref, velocity = simclr_lars_step(
+                # Its trust_ratio_exclude ('^head/') matches none of these names.
+                ref,
+                _flat(grads),
+                velocity,
+                0.5,
+                1e-4,
+                1e-3,
+                0.9,
+                nesterov,
+                False,
+            )
+        close = all(np.allclose(got[k], ref[k], rtol=1e-5, atol=1e-6) for k in got)
+        assert close == (not nesterov), nesterov
+
+
 def test_decay_mask_selects_kernels_of_a_flax_model():
     class Tiny(nn.Module):
         @nn.compact
@@ -205,7 +291,9 @@ def _zero_grad_steps(config, steps):
 def test_weight_decay_only_on_kernels(name):
     """With zero gradients only weight decay moves the weights, on kernels only."""
     start = _flat(_params())
-    got = _zero_grad_steps(_config(name=name, weight_decay=0.1), steps=2)
+    # Classic momentum keeps the expected values short; Nesterov is tested above.
+    classic = dict(nesterov=False) if name == "momentum" else {}
+    got = _zero_grad_steps(_config(name=name, weight_decay=0.1, **classic), steps=2)
     for key, w in start.items():
         if key[-1] != "kernel":
             np.testing.assert_array_equal(got[key], w, err_msg=str(key))
@@ -261,6 +349,7 @@ def test_bad_configs_name_the_field():
     cases = [
         (_config(name="sgd"), "name='sgd'"),
         (_config(momentum=1.5), "momentum=1.5"),
+        (_config(name="momentum", nesterov="yes"), "nesterov='yes' must be True, False or None"),
         (_config(weight_decay=-1.0), "weight_decay"),
         (_config(eeta=0.0), "eeta"),
         (_config(trust_ratio_exclude="head"), "trust_ratio_exclude"),

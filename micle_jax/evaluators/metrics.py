@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from micle_jax import losses
+
 
 def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
     if weights is None:
@@ -36,7 +38,12 @@ def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Whether each label is among the k highest scores.
+    """Whether each label is among the k highest scores, by scikit-learn's tie rule.
+
+    The training steps' rule (losses.topk_correct, run here in NumPy): top-1 is
+    np.argmax(scores) == label (ties to the lowest class, as accuracy_score on
+    argmax predictions); top-k, k > 1, ranks ties by the highest class index
+    first, as top_k_accuracy_score. A tie never counts in the example's favour.
 
     Args:
       scores: [n, classes] logits or probabilities.
@@ -50,10 +57,7 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     labels = _check_labels(labels, scores.shape[1])
     if k < 1:
         raise ValueError(f"top-k needs k >= 1; got {k}")
-    # A label is in the top k iff fewer than k classes score strictly higher;
-    # ties count in the example's favour, as scikit-learn's top_k_accuracy_score.
-    own = np.take_along_axis(scores, labels[:, None], axis=1)
-    return np.sum(scores > own, axis=1) < k
+    return losses.topk_correct(scores, labels, int(k)) > 0
 
 
 def accuracy(
@@ -186,3 +190,48 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Element-wise logistic function (float32), stable for large |logits|."""
     logits = np.asarray(logits, np.float64)
     return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)
+
+
+def balanced_accuracy(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int, weights=None
+) -> float:
+    """Mean per-class recall over the classes present in `labels`.
+
+    scikit-learn's balanced_accuracy_score (adjusted=False): the metric for an
+    imbalanced task (HAM10000: 'nv' is 67% of the images, so predicting it
+    always scores 0.67 top-1 but 1/7 balanced accuracy).
+
+    Args:
+      labels: [n] true classes; predictions: [n] predicted classes.
+      num_classes: C; weights: [n] per-image weights (0 leaves an image out) or None.
+    """
+    matrix = confusion_matrix(labels, predictions, num_classes, weights)
+    rows = matrix.sum(axis=1)
+    present = rows > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(np.diag(matrix)[present] / rows[present]))
+
+
+def macro_auc(scores: np.ndarray, labels: np.ndarray, weights=None) -> float:
+    """Mean over classes of the one-vs-rest ROC AUC of softmax(scores), multiclass labels.
+
+    scikit-learn's roc_auc_score(multi_class='ovr', average='macro') over the
+    classes that have both positives and negatives; for two classes it is the
+    ordinary AUC of the positive class (both one-vs-rest AUCs are equal).
+
+    Args:
+      scores: [n, C] logits or votes; labels: [n] int classes; weights: [n] or None.
+    """
+    scores = np.asarray(scores, np.float64)
+    probs = softmax(scores) if scores.shape[1] > 1 else scores
+    labels = np.asarray(labels)
+    w = _weights(weights, len(labels))
+    aucs = []
+    for c in range(scores.shape[1]):
+        targets = (labels == c).astype(np.float64)
+        inside = w > 0
+        if targets[inside].min(initial=1) == targets[inside].max(initial=0):
+            continue
+        aucs.append(roc_auc(probs[:, c], targets, w))
+    return float(np.mean(aucs)) if aucs else float("nan")

@@ -10,6 +10,9 @@ Usage (a trainer):
 The model config fields (defaults in `get_config`, SimCLR's values):
   name: backbone family, one of BACKBONES ('resnet').
   depth, width, sk_ratio: the ResNet (see resnet.ResNet).
+  cifar_stem: True = SimCLR's CIFAR stem (conv3x3/1, no max-pool), False = the
+    ImageNet stem, None = SimCLR's rule (tf2/model.py cifar_stem=image_size <= 32),
+    decided from the images the model is initialised and applied on.
   proj_layers, proj_dim: projection head depth and output width (SimCLR v2: 3, 128).
   num_classes: >0 adds the linear head `head` and the `logits` output.
   head_input: which tensor the head reads, SimCLR's ft_proj_selector: 0 = the
@@ -59,6 +62,9 @@ DEFAULTS = dict(
     depth=50,
     width=1.0,  # float so that overrides like 0.25 type-check in a locked ConfigDict
     sk_ratio=0.0,
+    # None: the CIFAR stem iff the images are <= 32 px, as SimCLR; the image
+    # size is only known from the input (resnet.uses_cifar_stem).
+    cifar_stem=None,
     proj_layers=3,
     proj_dim=128,
     num_classes=0,
@@ -95,10 +101,17 @@ def _build_resnet(config: ml_collections.ConfigDict, dtype: Any) -> nn.Module:
             f"model.sk_ratio={config.sk_ratio!r} must be in [0, 1): 0 = no selective "
             "kernels, 0.0625 = SimCLR v2's SK"
         )
+    if not (config.cifar_stem is None or isinstance(config.cifar_stem, bool)):
+        raise ValueError(
+            f"model.cifar_stem={config.cifar_stem!r} must be True (SimCLR's CIFAR stem: "
+            "conv3x3/1, no max-pool), False (the ImageNet stem) or None (CIFAR stem iff "
+            "the images are at most 32 px, as SimCLR)"
+        )
     return ResNet(
         depth=config.depth,
         width_multiplier=config.width,
         sk_ratio=config.sk_ratio,
+        cifar_stem=config.cifar_stem,
         fine_tune_after_block=config.fine_tune_after_block,
         dtype=dtype,
         bn_momentum=config.bn_momentum,

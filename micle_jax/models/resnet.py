@@ -13,7 +13,10 @@ The layout follows SimCLR's code, not torchvision's, where the two differ:
 - with selective kernels (sk_ratio > 0, SimCLR v2) the stem is three 3x3
   convolutions, every bottleneck's 3x3 convolution is a two-stream SK
   convolution and projection shortcuts average-pool before their conv1x1
-  (ResNet-D), as SimCLR's code does.
+  (ResNet-D), as SimCLR's code does;
+- images of 32 px or less get SimCLR's CIFAR stem (one 3x3 stride-1 conv,
+  BN, ReLU, no max-pool, with or without selective kernels), so a 32 px input
+  is only downsampled by block groups 2-4 (to 4x4) instead of to 1x1.
 
 BatchNorm is written on the global batch (no axis_name): under `jax.jit` with
 the batch sharded over devices, XLA computes the statistics over the whole
@@ -28,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 # depth: (block type, blocks per group), as SimCLR's resnet() table.
 DEPTHS = {
@@ -41,6 +45,9 @@ DEPTHS = {
 
 # The backbone's stages in order; fine_tune_after_block=k freezes the first k+1.
 STAGES = ("stem", "block_group1", "block_group2", "block_group3", "block_group4")
+
+# SimCLR tf2/model.py builds its ResNet with cifar_stem=FLAGS.image_size <= 32.
+CIFAR_STEM_MAX_SIZE = 32
 
 # Keras' VarianceScaling() default, SimCLR's kernel initializer for every conv.
 conv_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -60,6 +67,25 @@ def frozen_stages(fine_tune_after_block: int) -> tuple[str, ...]:
             "-1 (train all), 0 (freeze the stem) or 1..4 (freeze up to that block group)"
         )
     return STAGES[: fine_tune_after_block + 1]
+
+
+def uses_cifar_stem(cifar_stem: bool | None, image_shape: tuple[int, ...]) -> bool:
+    """Whether a ResNet with this `cifar_stem` setting runs the CIFAR stem.
+
+    Args:
+      cifar_stem: True (CIFAR stem), False (ImageNet stem) or None (SimCLR's
+        rule: the CIFAR stem iff the images are at most 32 px).
+      image_shape: [B, H, W, C] of the images the ResNet is applied to.
+
+    Returns:
+      True for the CIFAR stem (conv3x3/1, no max-pool), False for the ImageNet
+      one (conv7x7/2 or SK's three 3x3 convs, then max-pool 3x3/2).
+    """
+    if cifar_stem is None:
+        # The input is where the image size is known for certain: the trainers,
+        # the evaluators and predict all init and apply at config.data.image_size.
+        return max(image_shape[1:3]) <= CIFAR_STEM_MAX_SIZE
+    return cifar_stem
 
 
 class _Layers(nn.Module):
@@ -191,14 +217,22 @@ class BottleneckBlock(_Block):
 
 
 class Stem(_Layers):
-    """conv7x7/2 (or three 3x3 convs with SK), BN, ReLU, max-pool 3x3/2."""
+    """conv7x7/2 (or three 3x3 convs with SK), BN, ReLU, max-pool 3x3/2.
+
+    With `cifar` (SimCLR's cifar_stem): conv3x3/1, BN, ReLU and no max-pool,
+    whatever sk_ratio, as SimCLR tf2/resnet.py.
+    """
 
     features: int = 64
     sk_ratio: float = 0.0
+    cifar: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """x: [B, H, W, 3] -> [B, H/4, W/4, features]."""
+        """x: [B, H, W, 3] -> [B, H/4, W/4, features] ([B, H, W, features] if cifar)."""
+        if self.cifar:
+            x = self.conv(self.features, 3, name="conv1")(x)
+            return nn.relu(self.norm(train, name="bn1")(x))
         if self.sk_ratio > 0:
             # SimCLR v2 (ResNet-D): 3x3/2 and 3x3 at half width, then 3x3.
             x = self.conv(self.features // 2, 3, 2, name="conv1")(x)
@@ -249,6 +283,9 @@ class ResNet(nn.Module):
         channels. SimCLR uses 1..4; a float such as 0.25 makes tiny CPU models.
       sk_ratio: selective-kernel squeeze ratio; 0 = plain ResNet, SimCLR v2
         uses 0.0625.
+      cifar_stem: True for SimCLR's CIFAR stem (conv3x3/1, no max-pool), False
+        for the ImageNet stem, None (default) for SimCLR's rule: CIFAR stem iff
+        the input images are at most 32 px (see `uses_cifar_stem`).
       fine_tune_after_block: -1 trains everything; k >= 0 puts a stop_gradient
         after stage k (0 = stem, 1..4 = block groups) and runs the frozen
         stages' BatchNorm on running averages, as SimCLR's fine-tuning.
@@ -260,6 +297,7 @@ class ResNet(nn.Module):
     depth: int = 50
     width_multiplier: float = 1
     sk_ratio: float = 0.0
+    cifar_stem: bool | None = None
     fine_tune_after_block: int = -1
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
@@ -280,6 +318,11 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"ResNet sk_ratio={self.sk_ratio} must be in [0, 1); 0 = no selective "
                 "kernels, SimCLR v2 uses 0.0625"
+            )
+        if not (self.cifar_stem is None or isinstance(self.cifar_stem, bool)):
+            raise ValueError(
+                f"ResNet cifar_stem={self.cifar_stem!r} must be True (CIFAR stem), False "
+                "(ImageNet stem) or None (CIFAR stem iff images are at most 32 px)"
             )
         frozen_stages(self.fine_tune_after_block)  # validates
         if images.ndim != 4:
@@ -311,7 +354,19 @@ class ResNet(nn.Module):
         layers = functools.partial(
             dict, dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon
         )
-        stages = [Stem(**layers(features=base, sk_ratio=self.sk_ratio), name=STAGES[0])]
+        cifar = uses_cifar_stem(self.cifar_stem, images.shape)
+        if self.is_initializing():  # once per model build, not on every trace
+            logging.info(
+                "ResNet-%d stem for %dx%d images: %s",
+                self.depth,
+                images.shape[1],
+                images.shape[2],
+                "CIFAR (conv3x3/1, no max-pool)"
+                if cifar
+                else "ImageNet (stride 2, max-pool 3x3/2)",
+            )
+        stem = Stem(**layers(features=base, sk_ratio=self.sk_ratio, cifar=cifar), name=STAGES[0])
+        stages = [stem]
         for i, blocks in enumerate(num_blocks):
             stages.append(
                 BlockGroup(

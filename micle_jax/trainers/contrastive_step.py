@@ -40,7 +40,8 @@ def make_train_step(model, tx, schedule, temperature: float, probe: bool):
                 probe_loss = losses.softmax_cross_entropy(
                     out["logits"], jnp.maximum(labels, 0), mask
                 )
-                hits = (jnp.argmax(out["logits"], -1) == labels).astype(jnp.float32)
+                # The evaluators' top-1 rule (argmax, first index on ties).
+                hits = losses.topk_correct(out["logits"], jnp.maximum(labels, 0), 1)
                 measurements["probe_loss"] = probe_loss
                 measurements["probe_acc"] = jnp.sum(hits * mask) / jnp.maximum(mask.sum(), 1.0)
                 loss = loss + probe_loss
