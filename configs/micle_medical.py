@@ -15,9 +15,11 @@ CPU smoke run on the embedded demo data (real chest X-rays, 64 px):
   python -m micle_jax.main --config=configs/micle_medical.py:runlocal=True --workdir=/tmp/s2
 
 Args: records (a folder written by `python -m micle_jax.data.convert`), arch,
-init (stage-1 workdir or checkpoint; '' = scratch), augment (cxr | simclr; the
-paper uses SimCLR's for dermatology and no-blur 'cxr' for chest X-rays),
-runlocal.
+init (stage-1 workdir or checkpoint; '' = scratch), augment (auto | cxr |
+simclr; the paper uses SimCLR's for dermatology and no-blur 'cxr' for chest
+X-rays; 'auto', the default, picks one from the records' dataset_info.json
+modality, else 'cxr' for gray images and 'simclr' for colour ones, and logs
+which), runlocal.
 Unknown (not published for stage 2): batch size, learning rate and steps; the
 SimCLR ImageNet values are used and exposed.
 """

@@ -208,18 +208,19 @@ def test_policy_draws_every_uniform_in_one_call_and_slices_in_op_order():
         16,
     )
     assert policy.num_uniforms == crop.num_uniforms + jitter.num_uniforms + flip.num_uniforms
-    assert (crop.num_uniforms, jitter.num_uniforms, flip.num_uniforms) == (202, 9, 1)
+    # The crop's two uniforms seed TensorFlow's box sampler (geometry.crop_box).
+    assert (crop.num_uniforms, jitter.num_uniforms, flip.num_uniforms) == (2, 9, 1)
     image = tf.constant(rgb_image())
     for s in range(4):
         seed = tf.constant([s, 3])
         u = op_base.draw_uniforms(seed, policy.num_uniforms)
-        expected = flip.apply(jitter.apply(crop.apply(image, u[:202]), u[202:211]), u[211:])
+        expected = flip.apply(jitter.apply(crop.apply(image, u[:2]), u[2:11]), u[11:])
         np.testing.assert_allclose(policy(image, seed), expected, atol=1e-6)
     # A leading slice of a draw is the shorter draw (Philox is counter-based),
     # so an op called on its own with the seed reads the policy's first uniforms.
     seed = tf.constant([7, 3])
     np.testing.assert_array_equal(
-        op_base.draw_uniforms(seed, 202), op_base.draw_uniforms(seed, 212)[:202]
+        op_base.draw_uniforms(seed, 2), op_base.draw_uniforms(seed, 12)[:2]
     )
     alone = augment.get_policy([("random_resized_crop", dict(area_range=(0.5, 1.0)))], 16)
     np.testing.assert_allclose(crop(image, seed), alone(image, seed), atol=1e-6)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from fixtures import tiny_records
 
-from micle_jax.data import epochs, pairs, pipeline, records, sources
+from micle_jax import config_lib
+from micle_jax.data import convert, convert_inputs, epochs, pairs, pipeline, records, sources
 
 # Cheap to trace but random (crop position, flip), so seeds matter in every test.
 AUGMENT = [("random_resized_crop", dict(area_range=(0.3, 1.0))), "flip_left_right"]
@@ -286,3 +287,124 @@ def test_config_errors():
     unlabelled = sources.from_arrays(np.zeros([2, 4, 4], np.uint8))
     with pytest.raises(ValueError, match="needs labels"):
         pipeline.num_examples(data_config(unlabelled), "supervised")
+
+
+def test_pairs_per_epoch_counts_images_by_default_in_every_mode(record_set):
+    """Equal compute: a pre-training epoch is one pair per image whether the stream
+    draws images (simclr) or cases (micle); epoch_unit='cases' counts cases."""
+    cases = [1, 2, 3, 1, 2, 3, 2]
+    for mode in ("simclr", "micle"):
+        assert pipeline.pairs_per_epoch(data_config(record_set, mode=mode)) == sum(cases)
+        cfg = data_config(record_set, mode=mode, epoch_unit="cases")
+        assert pipeline.pairs_per_epoch(cfg) == len(cases)
+    # The micle stream itself still counts (and shuffles, and resumes over) cases.
+    assert pipeline.num_examples(data_config(record_set), "micle") == len(cases)
+    with pytest.raises(ValueError, match="epoch_unit='patients'"):
+        pipeline.pairs_per_epoch(data_config(record_set, epoch_unit="patients"))
+
+
+# --- data.augment='auto': the policy chosen by the task (the medical configs' default) ---
+
+
+def rgb_record_set(path, **info_fields):
+    """Records of 5 cases of RGB noise (cases 1 and 3 hold two images); returns the source."""
+    rng = np.random.default_rng(1)
+    cases = [
+        dict(
+            case_id=f"rgb{i}",
+            images=[
+                tiny_records.png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+                for _ in range(1 + i % 2)
+            ],
+            image_ids=[f"rgb{i}/{j}" for j in range(1 + i % 2)],
+        )
+        for i in range(5)
+    ]
+    source = tiny_records.write(path, cases, num_shards=1, label_type="none")
+    if info_fields:
+        info = records.load_info(str(path))
+        for key, value in info_fields.items():
+            setattr(info, key, value)
+        records.write_info(str(path), info)
+    return source
+
+
+def medical_data(records_path, **args):
+    """The data block of configs/micle_medical.py (runlocal) on the records at records_path."""
+    arg = ",".join(
+        [f"records={records_path}", "runlocal=True"] + [f"{k}={v}" for k, v in args.items()]
+    )
+    return config_lib.medical_pretrain_config(arg, mode="micle").data
+
+
+def colour_views(cfg):
+    """bool [8]: which views of the first micle batch of 4 have channels that differ."""
+    batch = next(
+        pipeline.make_dataset(
+            cfg, mode="micle", global_batch_size=4, seed=0, process_index=0, process_count=1
+        ).as_numpy_iterator()
+    )
+    views = np.concatenate([batch["view1"], batch["view2"]])
+    return np.abs(views[..., 0] - views[..., 1]).max(axis=(1, 2)) > 0.05
+
+
+def test_auto_augment_trains_rgb_records_with_simclrs_colour_policy(tmp_path, caplog):
+    path = tmp_path / "derm"
+    rgb_record_set(path)
+    cfg = medical_data(path)
+    caplog.set_level("INFO")
+    # SimCLR's grayscale op turns 20% of views gray; the 'cxr' policy all of them.
+    assert colour_views(cfg).mean() >= 0.5
+    assert "augment policy 'simclr' (auto: tiny train images are RGB" in caplog.text
+    assert cfg.augment == "auto"  # the medical configs' default
+    policy, why = pipeline.resolve_augment(cfg)
+    assert policy == "simclr" and "images are RGB" in why
+
+
+def test_auto_augment_trains_gray_chest_xrays_with_the_cxr_policy(caplog):
+    cfg = medical_data(config_lib.DEMO_PRETRAIN_RECORDS)  # data/demo/hannover_cxr
+    policy, why = pipeline.resolve_augment(cfg)
+    assert policy == "cxr" and "hannover_cxr train images are gray" in why
+    caplog.set_level("INFO")
+    pipeline.make_dataset(cfg, mode="micle", global_batch_size=4, seed=0)
+    assert "augment policy 'cxr' (auto: hannover_cxr" in caplog.text
+
+
+def test_recorded_modality_decides_auto_before_the_pixels(tmp_path):
+    # The converter's --modality lands in dataset_info.json and wins over colour.
+    npz = tmp_path / "rgb.npz"
+    images = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(npz, train_images=images)
+    convert.convert(convert_inputs.cases_from_npz(str(npz)), str(tmp_path / "x"), modality="cxr")
+    assert records.load_info(str(tmp_path / "x")).modality == "cxr"
+    policy, why = pipeline.resolve_augment(medical_data(tmp_path / "x"))
+    assert policy == "cxr" and "modality 'cxr'" in why
+    rgb_record_set(tmp_path / "derm", modality="dermatology")
+    assert pipeline.resolve_augment(medical_data(tmp_path / "derm"))[0] == "simclr"
+    # 'other' falls back to the pixels.
+    rgb_record_set(tmp_path / "other", modality="other")
+    assert pipeline.resolve_augment(medical_data(tmp_path / "other"))[0] == "simclr"
+    # Not recorded: dataset_info.json has no modality key (older files stay identical).
+    rgb_record_set(tmp_path / "plain")
+    assert "modality" not in (tmp_path / "plain" / records.INFO_FILE).read_text()
+    with pytest.raises(convert_inputs.ConversionError, match="--modality='xray'"):
+        convert.convert(
+            convert_inputs.cases_from_npz(str(npz)), str(tmp_path / "y"), modality="xray"
+        )
+
+
+def test_explicit_augment_overrides_auto(tmp_path):
+    path = tmp_path / "derm"
+    rgb_record_set(path, modality="dermatology")
+    cfg = medical_data(path, augment="cxr")
+    assert pipeline.resolve_augment(cfg) == ("cxr", "as configured")
+    assert not colour_views(cfg).any()  # the 'cxr' policy's views are gray
+
+
+def test_unknown_augment_policy_is_a_clear_error(tmp_path):
+    path = tmp_path / "derm"
+    rgb_record_set(path)
+    with pytest.raises(ValueError, match="unknown augment policy 'simclrr'.*'auto'.*simclr"):
+        pipeline.make_dataset(
+            medical_data(path, augment="simclrr"), mode="micle", global_batch_size=4, seed=0
+        )

@@ -23,8 +23,10 @@ its arguments and returns `op(image, seed) -> image` (built-in ops return an
 Policies (`POLICIES`): a function of keyword arguments returning the op list
 [(op_name, kwargs), ...]: simclr, cxr, supervised, eval, none. A config selects
 one by name, `data.augment = 'simclr'` with `data.augment_kwargs = dict(...)`,
-or gives its own op list, `data.augment = [('random_resized_crop',
-dict(area_range=(0.5, 1))), 'flip_left_right']`.
+gives its own op list, `data.augment = [('random_resized_crop',
+dict(area_range=(0.5, 1))), 'flip_left_right']`, or leaves the choice of
+'cxr' or 'simclr' to the data with 'auto' (resolved where the pipeline opens
+the data: micle_jax/data/pipeline.py resolve_augment).
 
 For speed every policy crops first, so later ops touch image_size**2 pixels;
 gray images stay 1-channel until the end; and the colour-jitter order (but for
@@ -249,9 +251,14 @@ def get_policy(name, image_size: int, **kwargs) -> Policy:
             )
         return Policy(name, image_size)
     if name not in POLICIES:
+        auto = (
+            "; 'auto' is resolved from the data by micle_jax.data.pipeline.resolve_augment"
+            if name == "auto"
+            else ""
+        )
         raise ValueError(
             f"unknown augment policy {name!r}; registered: {', '.join(sorted(POLICIES))}, "
-            "or give an op list"
+            f"or give an op list{auto}"
         )
     fn = POLICIES[name]
     _check_kwargs("policy", name, fn, kwargs)

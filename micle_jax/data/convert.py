@@ -167,6 +167,7 @@ def convert(
     source: str = "",
     license: str = "",  # noqa: A002 - the dataset_info.json field
     citation: str = "",
+    modality: str = "",
 ) -> records.DatasetInfo:
     """Checks, writes, verifies and moves into place the dataset of `plan`.
 
@@ -178,12 +179,16 @@ def convert(
       num_shards: shards per split (int for all, or {split: n}); at most one per case.
       on_error: 'fail' raises ConversionError before writing anything if any input
         is bad; 'skip' leaves bad images / cases out and lists them in info.skipped.
+      modality: what the images show, one of records.MODALITIES or '' (not
+        recorded); it chooses the augmentation of data.augment='auto'.
 
     Returns:
       The DatasetInfo written to `out/dataset_info.json`.
     """
     if on_error not in ("fail", "skip"):
         raise ConversionError(f"--on_error={on_error!r}: use 'fail' or 'skip'")
+    if modality and modality not in records.MODALITIES:
+        raise ConversionError(f"--modality={modality!r}: use one of {records.MODALITIES}")
     options = options or ImageOptions()
     options.check()
     _check_destination(out, overwrite)
@@ -215,6 +220,7 @@ def convert(
             info = _write(plan, cases, temporary, num_shards, options, pool, name or base)
             info.skipped = [dataclasses.asdict(p) for p in problems]
             info.source, info.license, info.citation = source, license, citation
+            info.modality = modality
             info.converter = dict(
                 version=VERSION,
                 args=dict(
@@ -351,6 +357,13 @@ def _define_flags() -> None:
     flags.DEFINE_string("source", "", "where the data comes from")
     flags.DEFINE_string("license", "", "the data's licence")
     flags.DEFINE_string("citation", "", "how to cite the data")
+    flags.DEFINE_enum(
+        "modality",
+        None,
+        records.MODALITIES,
+        "what the images show; data.augment='auto' trains 'cxr' on cxr, 'simclr' on "
+        "dermatology (default: chosen by whether the images are gray)",
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -392,6 +405,7 @@ def main(argv: list[str]) -> None:
             source=f.source,
             license=f.license,
             citation=f.citation,
+            modality=f.modality or "",
         )
     except ConversionError as e:
         sys.exit(f"error: {e}")

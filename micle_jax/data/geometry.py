@@ -46,9 +46,10 @@ def _resize_to_unit(image: tf.Tensor, size: int, method: str, antialias: bool) -
     return tf.clip_by_value(tf.cast(out, tf.float32), 0.0, 1.0)
 
 
-def crop_box_uniforms(max_attempts: int = 100) -> int:
-    """How many uniforms `crop_box` reads: an area and an aspect per attempt, two offsets."""
-    return 2 * max_attempts + 2
+# Uniforms a crop box reads: two, whose random bits seed TensorFlow's sampler.
+CROP_BOX_UNIFORMS = 2
+# A float32 uniform of stateless_uniform is k / 2**23 with 23 random bits k.
+_UNIFORM_BITS = 23
 
 
 def crop_box(
@@ -58,58 +59,52 @@ def crop_box(
     area_range=(0.08, 1.0),
     aspect_ratio_range=(3 / 4, 4 / 3),
     max_attempts: int = 100,
+    min_object_covered: float = 0.1,
 ) -> tf.Tensor:
-    """SimCLR's random-resized-crop box from uniforms, vectorised over all attempts.
+    """SimCLR's random crop box: TensorFlow's sample_distorted_bounding_box, seeded by u.
 
-    As described in the SimCLR paper (appendix A, after Inception's crop): the
-    crop covers a fraction of the image area uniform in `area_range` and has a
-    pixel aspect ratio (width / height) log-uniform in `aspect_ratio_range`;
-    the first of `max_attempts` candidates that fits inside the image is kept,
-    at a uniformly random position. If none fits, the box is the centre crop
-    with the aspect ratio clamped into range, as large as fits (the whole
-    image when its aspect ratio is in range, as with the defaults).
+    As SimCLR's tf2/data_util.py `distorted_bounding_box_crop` (called by
+    `crop_and_resize` with the whole image as the object box,
+    min_object_covered=0.1, aspect 3/4-4/3, area 0.08-1, 100 attempts,
+    use_image_if_no_bounding_boxes=True). This calls the stateless version of
+    the same kernel, so the boxes follow its distribution exactly. The kernel,
+    per attempt: an aspect ratio (width / height) uniform in
+    `aspect_ratio_range`; a height uniform among the integers from
+    round(sqrt(min_area / aspect)) to round(sqrt(max_area / aspect)), the
+    latter cut so that the box fits; width = round(height * aspect); the box
+    is kept if its area lies in `area_range` and it covers at least
+    `min_object_covered` of the image (so with the defaults the area is at
+    least 10%, not 8%); offsets uniform in [0, H - h) and [0, W - w) (0 when
+    the box spans that side). If no attempt succeeds, the box is the whole
+    image. Unlike torchvision's crop, neither the area nor the log-aspect is
+    uniform.
 
     Args:
-      u: [crop_box_uniforms(max_attempts)] float32 uniforms in [0, 1): the
-        attempts' areas, their aspects, then the y and x offsets.
+      u: [CROP_BOX_UNIFORMS] float32 uniforms in [0, 1) from
+        `op_base.draw_uniforms`: their random bits form the kernel's [2] seed.
       height, width: the image's size in pixels (Python ints or int32 scalars).
       area_range: (min, max) fraction of the image area, within (0, 1].
       aspect_ratio_range: (min, max) crop width / height in pixels.
-      max_attempts: candidates drawn before falling back to the centre crop.
+      max_attempts: candidates drawn before falling back to the whole image.
+      min_object_covered: fraction of the image the box must cover.
 
     Returns:
       [4] int32: (offset_y, offset_x, crop_height, crop_width), inside the image.
     """
-    height_f = tf.cast(height, tf.float32)
-    width_f = tf.cast(width, tf.float32)
-    image_area = height_f * width_f
-    area = op_base.between(u[:max_attempts], *area_range) * image_area
-    log_lo, log_hi = math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1])
-    ratio = tf.exp(op_base.between(u[max_attempts : 2 * max_attempts], log_lo, log_hi))
-    crop_w = tf.round(tf.sqrt(area * ratio))
-    crop_h = tf.round(tf.sqrt(area / ratio))
-    fits = (crop_w >= 1) & (crop_h >= 1) & (crop_w <= width_f) & (crop_h <= height_f)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-
-    # Fallback: centre crop whose aspect ratio is the image's, clamped into range.
-    fallback_ratio = tf.clip_by_value(width_f / height_f, *aspect_ratio_range)
-    fallback_w = tf.minimum(width_f, tf.round(height_f * fallback_ratio))
-    fallback_h = tf.minimum(height_f, tf.round(fallback_w / fallback_ratio))
-    found = tf.reduce_any(fits)
-    crop_h = tf.cast(tf.where(found, crop_h[first], tf.maximum(fallback_h, 1.0)), tf.int32)
-    crop_w = tf.cast(tf.where(found, crop_w[first], tf.maximum(fallback_w, 1.0)), tf.int32)
-
-    height_i = tf.cast(height, tf.int32)
-    width_i = tf.cast(width, tf.int32)
-    # Uniform integer positions 0..(H - h): floor(u * (H - h + 1)), clamped in
-    # case u * n rounds up to n in float32.
-    free = tf.stack([height_i - crop_h, width_i - crop_w])
-    position = u[2 * max_attempts : 2 * max_attempts + 2]
-    offsets = tf.cast(tf.floor(position * tf.cast(free + 1, tf.float32)), tf.int32)
-    offsets = tf.minimum(offsets, free)
-    centre = tf.stack([(height_i - crop_h) // 2, (width_i - crop_w) // 2])
-    offsets = tf.where(found, offsets, centre)
-    return tf.stack([offsets[0], offsets[1], crop_h, crop_w])
+    # Exact integers: uniforms are multiples of 2**-23 below 1.
+    seed = tf.cast(tf.floor(u[:CROP_BOX_UNIFORMS] * float(2**_UNIFORM_BITS)), tf.int32)
+    size = tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32), 1])
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        size,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=min_object_covered,
+        aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range,
+        max_attempts=max_attempts,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], extent[0], extent[1]])
 
 
 def sample_crop_box(
@@ -119,18 +114,21 @@ def sample_crop_box(
     area_range=(0.08, 1.0),
     aspect_ratio_range=(3 / 4, 4 / 3),
     max_attempts: int = 100,
+    min_object_covered: float = 0.1,
 ) -> tf.Tensor:
     """`crop_box` on uniforms drawn from `seed`: the box of the crop ops called with `seed`.
 
     random_resized_crop and random_rotated_crop read their box from their
-    first `crop_box_uniforms(max_attempts)` uniforms, so `op(image, seed)`
-    crops exactly this box. Returns [4] int32 (offset_y, offset_x, h, w).
+    first CROP_BOX_UNIFORMS uniforms, so `op(image, seed)` crops exactly this
+    box. Returns [4] int32 (offset_y, offset_x, h, w).
     """
-    u = op_base.draw_uniforms(seed, crop_box_uniforms(max_attempts))
-    return crop_box(u, height, width, area_range, aspect_ratio_range, max_attempts)
+    u = op_base.draw_uniforms(seed, CROP_BOX_UNIFORMS)
+    return crop_box(
+        u, height, width, area_range, aspect_ratio_range, max_attempts, min_object_covered
+    )
 
 
-def _check_crop(op, size, area_range, aspect_ratio_range, max_attempts):
+def _check_crop(op, size, area_range, aspect_ratio_range, max_attempts, min_object_covered):
     size = _check_size(op, size)
     area_range = op_base.check_range(op, "area_range", area_range, 0.0, 1.0)
     if area_range[0] <= 0:
@@ -142,7 +140,8 @@ def _check_crop(op, size, area_range, aspect_ratio_range, max_attempts):
         )
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise ValueError(f"augment op {op!r}: max_attempts={max_attempts!r} must be an int >= 1")
-    return size, area_range, aspect_ratio_range
+    min_object_covered = op_base.check_probability(op, "min_object_covered", min_object_covered)
+    return size, area_range, aspect_ratio_range, min_object_covered
 
 
 def make_random_resized_crop(
@@ -152,25 +151,29 @@ def make_random_resized_crop(
     max_attempts: int = 100,
     method: str = "bicubic",
     antialias: bool = False,
+    min_object_covered: float = 0.1,
 ) -> op_base.Op:
     """Random resized crop to [size, size, c] (SimCLR's crop_and_resize).
 
-    Defaults are SimCLR's: area 0.08-1, aspect 3/4-4/3, 100 attempts, bicubic
-    resize without antialiasing. Uniforms: the box's (`crop_box`), so the op
-    called with `seed` crops `sample_crop_box(seed, ...)`.
+    Defaults are SimCLR's: TensorFlow's sample_distorted_bounding_box with area
+    0.08-1, aspect 3/4-4/3, min_object_covered 0.1, 100 attempts, else the
+    whole image (`crop_box`); bicubic resize without antialiasing. Uniforms:
+    the box's two, so the op called with `seed` crops `sample_crop_box(seed, ...)`.
     """
     op = "random_resized_crop"
-    size, area_range, aspect_ratio_range = _check_crop(
-        op, size, area_range, aspect_ratio_range, max_attempts
+    size, area_range, aspect_ratio_range, min_object_covered = _check_crop(
+        op, size, area_range, aspect_ratio_range, max_attempts, min_object_covered
     )
     method = op_base.check_choice(op, "method", method, RESIZE_METHODS)
 
     def random_resized_crop(image, u):
         shape = tf.shape(image)
-        box = crop_box(u, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts)
+        box = crop_box(
+            u, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts, min_object_covered
+        )
         return _resize_to_unit(_crop(image, box), size, method, antialias)
 
-    return op_base.RandomOp(random_resized_crop, crop_box_uniforms(max_attempts), op)
+    return op_base.RandomOp(random_resized_crop, CROP_BOX_UNIFORMS, op)
 
 
 def center_crop_box(height, width, crop_fraction: float) -> tf.Tensor:
@@ -334,6 +337,7 @@ def make_random_rotated_crop(
     fill_mode: str = "constant",
     fill_value: float = 0.0,
     flip_p: float = 0.0,
+    min_object_covered: float = 0.1,
 ) -> op_base.Op:
     """Random resized crop whose box is also turned, in one bilinear resampling.
 
@@ -349,14 +353,14 @@ def make_random_rotated_crop(
     which saves a pass over the view.
     """
     op = "random_rotated_crop"
-    size, area_range, aspect_ratio_range = _check_crop(
-        op, size, area_range, aspect_ratio_range, max_attempts
+    size, area_range, aspect_ratio_range, min_object_covered = _check_crop(
+        op, size, area_range, aspect_ratio_range, max_attempts, min_object_covered
     )
     max_degrees, p, fill_mode, fill_value = _check_rotation(
         op, max_degrees, p, fill_mode, fill_value
     )
     flip_p = op_base.check_probability(op, "flip_p", flip_p)
-    slots = rotated_crop_layout(max_attempts)
+    slots = rotated_crop_layout()
 
     def random_rotated_crop(image, u):
         # Interpolate floats (the kernel truncates interpolated integers), but
@@ -365,7 +369,9 @@ def make_random_rotated_crop(
         image = tf.cast(image, tf.float32) if scale else op_base.to_unit_float(image)
         fill = fill_value / scale if scale else fill_value
         shape = tf.shape(image)
-        box = crop_box(u, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts)
+        box = crop_box(
+            u, shape[0], shape[1], area_range, aspect_ratio_range, max_attempts, min_object_covered
+        )
         angle = rotation_angle(u[slots["angle"]], max_degrees)
         if p < 1.0:
             angle = tf.where(u[slots["rotate_coin"]] < p, angle, 0.0)
@@ -381,9 +387,9 @@ def make_random_rotated_crop(
     return op_base.RandomOp(random_rotated_crop, slots["flip_coin"] + 1, op)
 
 
-def rotated_crop_layout(max_attempts: int = 100) -> dict[str, int]:
+def rotated_crop_layout() -> dict[str, int]:
     """Index of each of random_rotated_crop's uniforms after the box's: angle, coins."""
-    first = crop_box_uniforms(max_attempts)
+    first = CROP_BOX_UNIFORMS
     return dict(angle=first, rotate_coin=first + 1, flip_coin=first + 2)
 
 

@@ -18,12 +18,14 @@ data_config fields (configs set them under `config.data`):
   split             'train', 'validation' or 'test'
   mode              which stream a trainer wants (make_dataset takes it as an argument)
   image_size        side of the views in pixels (SimCLR: 224)
-  augment           policy name ('simclr', 'cxr', 'supervised', 'none') or an op list
-  augment_kwargs    the policy's arguments
+  augment           policy name ('simclr', 'cxr', 'supervised', 'eval', 'none'), an
+                    op list, or 'auto': chosen from the data (resolve_augment)
+  augment_kwargs    the policy's arguments (with 'auto': of the policy it resolves to)
   shuffle_buffer    streamed sources: examples in the shuffle buffer
   cache_decoded     decode a streamed source once into memory (small datasets)
   uncertain_policy  multilabel: 'ignore', 'zeros' or 'ones' (CheXpert's U-policies)
   label_fraction    'supervised': keep this fraction of the training cases (fractions.py)
+  epoch_unit        what a pre-training epoch counts (pairs_per_epoch): 'images' or 'cases'
   num_parallel_calls  tf.data parallelism (-1 = AUTOTUNE)
 """
 
@@ -39,6 +41,10 @@ from micle_jax.data import augment, epochs, fractions, pairs, records, sources
 
 MODES = ("simclr", "micle", "supervised", "eval")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
+AUTO_AUGMENT = "auto"
+# The paper's policies (Azizi et al. 2021): SimCLR's colour policy for
+# dermatology photographs, the no-blur 'cxr' policy for chest X-rays.
+MODALITY_POLICIES = {"cxr": "cxr", "dermatology": "simclr"}
 DEFAULTS = dict(
     source="synthetic",
     split="train",
@@ -50,6 +56,7 @@ DEFAULTS = dict(
     cache_decoded=False,
     uncertain_policy="ignore",
     label_fraction=1.0,
+    epoch_unit="images",
     num_parallel_calls=tf.data.AUTOTUNE,
 )
 
@@ -72,6 +79,10 @@ def _config(data_config) -> dict:
         raise ValueError(
             f"data.uncertain_policy={cfg['uncertain_policy']!r} must be one of {UNCERTAIN_POLICIES}"
         )
+    if cfg["epoch_unit"] not in epochs.EPOCH_UNITS:
+        raise ValueError(
+            f"data.epoch_unit={cfg['epoch_unit']!r} must be one of {epochs.EPOCH_UNITS}"
+        )
     if not 0.0 < cfg["label_fraction"] <= 1.0:
         raise ValueError(f"data.label_fraction={cfg['label_fraction']} must be in (0, 1]")
     calls = cfg["num_parallel_calls"]
@@ -79,7 +90,53 @@ def _config(data_config) -> dict:
         raise ValueError(f"data.num_parallel_calls={calls!r} must be -1 (AUTOTUNE) or >= 1")
     if not isinstance(cfg["cache_decoded"], bool):
         raise ValueError(f"data.cache_decoded={cfg['cache_decoded']!r} must be True or False")
+    name = cfg["augment"]
+    if isinstance(name, str) and name != AUTO_AUGMENT and name not in augment.POLICIES:
+        raise ValueError(
+            f"data.augment={name!r}: unknown augment policy {name!r}; use {AUTO_AUGMENT!r} "
+            f"(chosen from the data), one of {', '.join(sorted(augment.POLICIES))}, or an op list"
+        )
     return cfg
+
+
+def resolve_augment(data_config) -> tuple[str | list, str]:
+    """The augmentation policy training uses, and why: data.augment with 'auto' resolved.
+
+    'auto' is resolved from the data, in this order:
+      1. the dataset's recorded modality (dataset_info.json `modality`, written
+         by `convert --modality`): 'cxr' -> 'cxr', 'dermatology' -> 'simclr';
+      2. otherwise ('other' or not recorded) its pixels: 'cxr' when the first
+         16 images of the split are all gray (one channel, or three equal ones:
+         sources.is_gray), else 'simclr'.
+    Any other value is returned as given. Every process resolves to the same
+    policy (the whole split's first images, not a process's share).
+
+    Returns:
+      (policy name or op list, a reason for the log, e.g. "auto: images are RGB").
+    """
+    cfg = _config(data_config)
+    return _resolve_augment(cfg, sources.get_source(cfg["source"]))
+
+
+def _resolve_augment(cfg: dict, source: sources.Source) -> tuple[str | list, str]:
+    name = cfg["augment"]
+    if not isinstance(name, str) or name != AUTO_AUGMENT:
+        return name, "as configured"
+    info = source.info
+    if info.modality in MODALITY_POLICIES:
+        return MODALITY_POLICIES[info.modality], f"auto: {info.name} has modality {info.modality!r}"
+    images = sources.first_images(source, cfg["split"])
+    if not images:
+        raise ValueError(
+            f"data.augment='auto': no image of {info.name!r} split {cfg['split']!r} decodes, "
+            "so the policy cannot be chosen; set data.augment"
+        )
+    gray = all(sources.is_gray(image) for image in images)
+    recorded = f"modality {info.modality!r}" if info.modality else "no modality recorded"
+    return ("cxr" if gray else "simclr"), (
+        f"auto: {info.name} {cfg['split']} images are {'gray' if gray else 'RGB'}, "
+        f"first {len(images)} checked; {recorded}"
+    )
 
 
 def _check_mode(mode: str, info: records.DatasetInfo) -> None:
@@ -128,10 +185,11 @@ def _kept_cases(cfg: dict, source: sources.Source, seed: int) -> list[str] | Non
 
 
 def num_examples(data_config, mode: str, seed: int = 0) -> int:
-    """Examples in one epoch of the whole split (all processes).
+    """Examples in one pass of a stream over the whole split (all processes).
 
     Images for 'simclr' and 'eval', labelled images for 'supervised', cases
-    for 'micle'. For epoch -> step conversion. With label_fraction < 1,
+    for 'micle'. For epoch -> step conversion of 'supervised' (pre-training
+    converts with `pairs_per_epoch`). With label_fraction < 1,
     'supervised' counts the images of the cases kept for `seed` (pass the
     run's seed for the exact count).
     """
@@ -140,6 +198,20 @@ def num_examples(data_config, mode: str, seed: int = 0) -> int:
     _check_mode(mode, source.info)
     kept = _kept_cases(cfg, source, seed) if mode == "supervised" else None
     return epochs.num_units(source.counts(cfg["split"], sources.Share()), mode, kept)
+
+
+def pairs_per_epoch(data_config) -> int:
+    """Pairs in one pre-training epoch of the whole split, as data.epoch_unit counts them.
+
+    'images' (default): as many pairs as the split has images, 'cases': as
+    many as it has cases; the same in modes 'simclr' and 'micle', so the same
+    total_epochs gives both the same steps and views (a fair comparison). The
+    'micle' stream still draws one pair per case: in an 'images' epoch it
+    passes over the cases about images/cases times (see epochs.py).
+    """
+    cfg = _config(data_config)
+    source = sources.get_source(cfg["source"])
+    return epochs.pairs_per_epoch(source.counts(cfg["split"], sources.Share()), cfg["epoch_unit"])
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -207,7 +279,9 @@ def make_dataset(
     _check_mode(mode, info)
     share = sources.Share(index, count)
     calls = cfg["num_parallel_calls"]
-    policy = augment.get_policy(cfg["augment"], cfg["image_size"], **dict(cfg["augment_kwargs"]))
+    policy_name, why = _resolve_augment(cfg, source)
+    logging.info("augment policy %r (%s)", policy_name, why)
+    policy = augment.get_policy(policy_name, cfg["image_size"], **dict(cfg["augment_kwargs"]))
     in_memory = source.in_memory or cfg["cache_decoded"]
 
     kept = _kept_cases(cfg, source, seed) if mode == "supervised" else None

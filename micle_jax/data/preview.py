@@ -8,7 +8,9 @@ with the case id and whether the views come from two different images of the
 case (MICLe's positive pair) or from the same image; 'supervised' and 'eval'
 show the one view with its label. The batch is built by the training pipeline
 (config.data, config.data.mode, config.seed) for one process, with --rows
-examples per batch.
+examples per batch. The augmentation is the one training uses: with
+data.augment='auto' the policy resolved from the data (pipeline.resolve_augment),
+named in the title and printed with the reason.
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ def main(argv) -> None:
     if flags.FLAGS.rows < 1:
         raise app.UsageError(f"--rows={flags.FLAGS.rows} must be >= 1")
     mode = config.data.mode
+    # Resolved once here, so the title names the policy the batch was drawn with.
+    policy, why = pipeline.resolve_augment(config.data)
     dataset = pipeline.make_dataset(
-        config.data,
+        dict(config.data.items(), augment=policy),
         mode=mode,
         global_batch_size=flags.FLAGS.rows,
         seed=config.seed,
@@ -94,14 +98,13 @@ def main(argv) -> None:
         process_count=1,
     )
     batch = next(dataset.as_numpy_iterator())
-    title = (
-        f"{config.data.source} | {mode} | augment {config.data.augment} | step {flags.FLAGS.step}"
-    )
+    title = f"{config.data.source} | {mode} | augment {policy!r} ({why}) | step {flags.FLAGS.step}"
     render(batch, flags.FLAGS.out, title)
     if "multi_instance" in batch:
         logging.info(
             "multi-instance pairs: %d of %d", batch["multi_instance"].sum(), flags.FLAGS.rows
         )
+    print(f"augment policy {policy!r} ({why})")
     print(f"wrote {flags.FLAGS.out}: {flags.FLAGS.rows} rows of mode {mode!r}")
 
 

@@ -41,6 +41,9 @@ MISSING = -2.0
 LABEL_TYPES = ("none", "multiclass", "multilabel")
 SPLITS = ("train", "validation", "test")
 IMAGE_FORMATS = ("png", "jpeg")
+# What the images show, for choosing the augmentation (pipeline.resolve_augment):
+# '' = not recorded (datasets converted before the field existed).
+MODALITIES = ("cxr", "dermatology", "other")
 INFO_FILE = "dataset_info.json"
 
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
@@ -54,6 +57,8 @@ class DatasetInfo:
     `splits` maps a split name to {"num_cases", "num_images", "images_per_case":
     {"1": count, "2": count, ...}, "shards": [{"file", "num_cases", "sha256"}]}.
     `skipped` lists the inputs the converter left out with --on_error=skip.
+    `modality` is one of MODALITIES, or '' when not recorded (convert
+    --modality); written only when set, so older files stay byte-identical.
     """
 
     name: str
@@ -65,6 +70,7 @@ class DatasetInfo:
     license: str = ""
     citation: str = ""
     skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    modality: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +81,8 @@ class DatasetInfo:
         """Raises ValueError if the fields contradict the format."""
         if self.label_type not in LABEL_TYPES:
             raise ValueError(f"label_type {self.label_type!r} is not one of {LABEL_TYPES}")
+        if self.modality and self.modality not in MODALITIES:
+            raise ValueError(f"modality {self.modality!r} is not one of {MODALITIES} (or '')")
         if self.label_type != "none" and not self.class_names:
             raise ValueError(f"label_type {self.label_type!r} needs a non-empty class_names")
         if len(set(self.class_names)) != len(self.class_names):
@@ -116,8 +124,11 @@ def write_info(path: str, info: DatasetInfo) -> None:
     """Writes `info` as `{path}/dataset_info.json` (after checking it)."""
     info.check()
     os.makedirs(path, exist_ok=True)
+    fields = dataclasses.asdict(info)
+    if not fields["modality"]:
+        del fields["modality"]
     with open(os.path.join(path, INFO_FILE), "w") as f:
-        json.dump(dataclasses.asdict(info), f, indent=2)
+        json.dump(fields, f, indent=2)
         f.write("\n")
 
 

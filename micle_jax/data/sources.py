@@ -79,6 +79,47 @@ class Source:
         raise NotImplementedError(f"{type(self).__name__} is in memory; use table()")
 
 
+# Largest mean spread (max - min over an image's channels, in 8-bit levels) of a
+# 3-channel image that still counts as gray: X-rays saved as RGB have 0, JPEG
+# rounding adds about 1; skin photographs have tens.
+GRAY_SPREAD = 2.0
+
+
+def is_gray(image: np.ndarray) -> bool:
+    """Whether uint8 [h, w, c] `image` is gray: one channel, or channels equal within GRAY_SPREAD.
+
+    The spread is averaged over pixels, so a coloured marker on an X-ray
+    does not make it a colour image.
+    """
+    if image.shape[-1] == 1:
+        return True
+    spread = image.max(axis=-1).astype(np.float64) - image.min(axis=-1)
+    return float(spread.mean()) <= GRAY_SPREAD
+
+
+def first_images(source: Source, split: str, max_images: int = 16) -> list[np.ndarray]:
+    """Up to `max_images` decoded images (uint8 [h, w, c]) of the first cases of `split`.
+
+    In the split's canonical order, whole split (not a process's share), so
+    every process sees the same images. A streamed source decodes only these
+    (never the whole split, whatever data.cache_decoded says); images that
+    fail to decode are skipped.
+    """
+    if source.in_memory:
+        table = source.table(split, Share())
+        return [table.image(i) for i in range(min(max_images, table.num_images))]
+    images = []
+    for case in source.cases(split, Share()).take(max_images).as_numpy_iterator():
+        for encoded in case["images"]:
+            try:
+                images.append(image_table.decode_image(tf.constant(encoded)).numpy())
+            except tf.errors.InvalidArgumentError:
+                continue
+            if len(images) == max_images:
+                return images
+    return images
+
+
 def usable_labels(label_type: str, label_class: np.ndarray) -> np.ndarray:
     """int64 [n]: 1 where an image (label_class int [n]) can train a supervised model."""
     if label_type == "multilabel":
