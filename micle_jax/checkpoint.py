@@ -22,6 +22,10 @@ from absl import logging
 from flax import traverse_util
 
 CHECKPOINT_DIR = "checkpoints"
+PROJECTION_HEAD = "projection_head"
+# A `merge_variables` prefix: every leading projection layer that the checkpoint
+# and the model share (same arrays, same shapes), however many that is.
+SHARED_PROJECTION_LAYERS = "projection_head/*"
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -124,12 +128,105 @@ def load_variables(path: str) -> dict:
     }
 
 
+def projection_layer_prefixes(layers: int) -> tuple[str, ...]:
+    """`merge_variables` prefixes of projection layers 1..layers.
+
+    models/heads.py names projection layer i (1-based) 'dense{i}' and 'bn{i}'.
+    """
+    return tuple(
+        f"{PROJECTION_HEAD}/{module}{i}" for i in range(1, layers + 1) for module in ("dense", "bn")
+    )
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + "/") for p in prefixes)
+
+
+def _shapes(variables: dict, prefixes) -> dict[str, tuple]:
+    """{'collection/path': shape} of the leaves of `variables` under `prefixes`."""
+    out = {}
+    for collection, tree in variables.items():
+        for name, value in traverse_util.flatten_dict(tree, sep="/").items():
+            if _under(name, prefixes):
+                out[f"{collection}/{name}"] = tuple(np.shape(value))
+    return out
+
+
+def _layer_shapes(variables: dict, i: int) -> dict[str, tuple]:
+    return _shapes(variables, projection_layer_prefixes(i)[-2:])
+
+
+def num_projection_layers(variables: dict) -> int:
+    """Depth of the projection head in {'params': ..., 'batch_stats': ...}."""
+    depth = 0
+    while _layer_shapes(variables, depth + 1):
+        depth += 1
+    return depth
+
+
+def shared_projection_layers(target: dict, loaded: dict) -> int:
+    """How many leading projection layers `loaded` can fill in `target`.
+
+    Layer i counts when its arrays (Dense kernel, BatchNorm scale, bias and
+    statistics) have the same names and shapes in both, and so do layers
+    1..i-1: a deeper, shallower or narrower head shares only its first layers
+    (a last layer, whose BatchNorm has no bias, never matches a hidden one).
+    """
+    shared = 0
+    while True:
+        mine = _layer_shapes(target, shared + 1)
+        if not mine or mine != _layer_shapes(loaded, shared + 1):
+            return shared
+        shared += 1
+
+
+def _layer_difference(target: dict, loaded: dict, i: int) -> str:
+    """Why projection layer i of `loaded` does not fit `target`, in words."""
+    mine, theirs = _layer_shapes(target, i), _layer_shapes(loaded, i)
+    if not theirs:
+        return "the checkpoint has no such layer"
+    if not mine:
+        return "the model has no such layer"
+    diffs = [
+        f"{name}: checkpoint {theirs.get(name, 'absent')} vs model {mine.get(name, 'absent')}"
+        for name in sorted(set(mine) | set(theirs))
+        if mine.get(name) != theirs.get(name)
+    ]
+    return "; ".join(diffs[:4])
+
+
+def _expand_shared_projection(target: dict, loaded: dict, prefixes) -> list[str]:
+    """`prefixes` with SHARED_PROJECTION_LAYERS replaced by the layers both heads share."""
+    if SHARED_PROJECTION_LAYERS not in prefixes:
+        return list(prefixes)
+    shared = shared_projection_layers(target, loaded)
+    ours, theirs = num_projection_layers(target), num_projection_layers(loaded)
+    logging.info(
+        "Init projection head: copying %d of the model's %d layers (the checkpoint has %d)",
+        shared,
+        ours,
+        theirs,
+    )
+    if shared < ours:
+        logging.warning(
+            "Init projection head: layers %d..%d start fresh; layer %d: %s",
+            shared + 1,
+            ours,
+            shared + 1,
+            _layer_difference(target, loaded, shared + 1),
+        )
+    rest = [p for p in prefixes if p != SHARED_PROJECTION_LAYERS]
+    return rest + list(projection_layer_prefixes(shared))
+
+
 def merge_variables(target: dict, loaded: dict, prefixes: tuple[str, ...]) -> tuple[dict, list]:
     """Copies the loaded weights under `prefixes` into `target` (weights only).
 
-    Every target leaf whose path starts with one of `prefixes` (e.g.
-    'backbone', 'projection_head/layer_0') must exist in `loaded` with the same
-    shape; anything else keeps its fresh initialisation.
+    Under each prefix (e.g. 'backbone', 'projection_head/dense1'), the model
+    and the checkpoint must have the same arrays with the same shapes, and the
+    model must have some; anything else keeps its fresh initialisation.
+    SHARED_PROJECTION_LAYERS stands for the leading projection layers both
+    share (`shared_projection_layers`, possibly none), logged.
 
     Args:
       target: {'params': tree, 'batch_stats': tree} of the new model.
@@ -139,30 +236,36 @@ def merge_variables(target: dict, loaded: dict, prefixes: tuple[str, ...]) -> tu
     Returns:
       (merged variables, list of copied 'collection/path' names).
     """
-    merged, copied, missing, mismatched = {}, [], [], []
-    for collection, tree in target.items():
-        flat = traverse_util.flatten_dict(jax.tree.map(lambda x: x, tree), sep="/")
-        src = traverse_util.flatten_dict(loaded.get(collection, {}), sep="/")
-        for name, value in flat.items():
-            if not any(name == p or name.startswith(p + "/") for p in prefixes):
-                continue
-            if name not in src:
-                missing.append(f"{collection}/{name}")
-            elif tuple(np.shape(src[name])) != tuple(np.shape(value)):
-                mismatched.append(
-                    f"{collection}/{name}: checkpoint {np.shape(src[name])} vs model "
-                    f"{np.shape(value)}"
-                )
-            else:
-                flat[name] = np.asarray(src[name], dtype=np.asarray(value).dtype)
-                copied.append(f"{collection}/{name}")
-        merged[collection] = traverse_util.unflatten_dict(flat, sep="/")
-    if missing or mismatched:
-        lines = missing[:10] + mismatched[:10]
+    prefixes = _expand_shared_projection(target, loaded, prefixes)
+    ours, theirs = _shapes(target, prefixes), _shapes(loaded, prefixes)
+    absent = [p for p in prefixes if not _shapes(target, [p])]
+    missing = [f"{name}: not in the checkpoint" for name in ours if name not in theirs]
+    extra = [f"{name}: not in the model" for name in theirs if name not in ours]
+    mismatched = [
+        f"{name}: checkpoint {theirs[name]} vs model {shape}"
+        for name, shape in ours.items()
+        if name in theirs and theirs[name] != shape
+    ]
+    if absent:
+        raise ValueError(
+            f"init asks for {absent}, which the model does not have (fewer projection "
+            "layers than init.init_proj_layers?)"
+        )
+    if missing or extra or mismatched:
+        lines = missing[:10] + extra[:10] + mismatched[:10]
         raise ValueError(
             "init checkpoint does not match the model (same arch/width/head layers?):\n  "
             + "\n  ".join(lines)
         )
+    merged, copied = {}, []
+    for collection, tree in target.items():
+        flat = traverse_util.flatten_dict(tree, sep="/")
+        src = traverse_util.flatten_dict(loaded.get(collection, {}), sep="/")
+        for name, value in flat.items():
+            if _under(name, prefixes):
+                flat[name] = np.asarray(src[name], dtype=np.asarray(value).dtype)
+                copied.append(f"{collection}/{name}")
+        merged[collection] = traverse_util.unflatten_dict(flat, sep="/")
     if not copied:
         raise ValueError(f"init checkpoint has nothing under {prefixes}")
     return merged, copied

@@ -1,6 +1,7 @@
 """End-to-end tests of the contrastive pre-training trainer on tiny configs."""
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -13,9 +14,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
-from micle_jax import checkpoint, config_lib, models, sharding
-from micle_jax.trainers import contrastive_step, harness, pretrain
+from micle_jax import checkpoint, config_lib, models, optim, sharding
+from micle_jax.trainers import contrastive_step, harness, loop, pretrain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -143,6 +145,140 @@ def test_init_checkpoint_copies_backbone_only(tmp_path, monkeypatch):
     assert not np.array_equal(
         s1["projection_head"]["dense2"]["kernel"], s2["projection_head"]["dense2"]["kernel"]
     )
+
+
+class StopBeforeTraining(Exception):
+    pass
+
+
+# data/demo/hannover_cxr (the medical configs' default records): 71 cases, 243 images.
+@pytest.mark.parametrize("epoch_unit, pairs", [(None, 243), ("cases", 71)])
+def test_simclr_and_micle_get_the_same_steps_for_the_same_epochs(
+    tmp_path, monkeypatch, epoch_unit, pairs
+):
+    """Equal compute: the same total_epochs / warmup_epochs give MICLe as many steps (and
+    2 x batch views per step) as SimCLR on records whose cases have several images."""
+    schedules = []
+
+    def record_schedule(optim_config, total_steps, warmup_steps, batch_size):
+        schedules.append((total_steps, warmup_steps))
+        raise StopBeforeTraining
+
+    monkeypatch.setattr(optim, "make_schedule", record_schedule)
+    for mode in ("simclr", "micle"):
+        config = config_lib.medical_pretrain_config("runlocal=True", mode)
+        config.total_steps, config.total_epochs = None, 2.0
+        config.warmup_steps, config.warmup_epochs = None, 1.0
+        if epoch_unit:  # None: the default, one pair per image
+            config.data.epoch_unit = epoch_unit
+        with pytest.raises(StopBeforeTraining):
+            pretrain.main(config, str(tmp_path / mode))
+    batch = config.batch_size
+    assert schedules[0] == schedules[1] == (round(2 * pairs / batch), round(pairs / batch))
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A finished tiny pre-training run (3 steps): the init of the next stage."""
+    workdir = str(tmp_path_factory.mktemp("stage1"))
+    pretrain.main(tiny_config(steps=3), workdir)
+    return workdir
+
+
+def test_pretraining_from_a_pretraining_run_starts_with_its_whole_projection_head(
+    stage1, tmp_path, monkeypatch
+):
+    """As SimCLR's --checkpoint: backbone and every projection layer, weights and
+    BatchNorm statistics, start where stage 1 ended; the linear probe's head starts fresh."""
+    started = {}
+
+    def record_start(config, workdir, state, *args, **kwargs):
+        started["state"] = jax.device_get(state)
+        return state, int(started["state"].step), {}
+
+    monkeypatch.setattr(loop, "train", record_start)
+    config = tiny_config()
+    config.init.checkpoint = stage1
+    pretrain.main(config, str(tmp_path / "stage2"))
+    source, state = checkpoint.load_variables(stage1), started["state"]
+    assert state.step == 0
+    assert set(state.params["projection_head"]) == {
+        "dense1",
+        "dense2",
+        "dense3",
+        "bn1",
+        "bn2",
+        "bn3",
+    }
+    # Stage 1 moved the head's BatchNorm statistics away from their fresh values.
+    assert not np.allclose(source["batch_stats"]["projection_head"]["bn3"]["mean"], 0.0)
+    for module in ("backbone", "projection_head"):
+        jax.tree.map(np.testing.assert_array_equal, source["params"][module], state.params[module])
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            source["batch_stats"][module],
+            state.batch_stats[module],
+        )
+    assert not np.array_equal(
+        source["params"]["head"]["dense"]["kernel"], state.params["head"]["dense"]["kernel"]
+    )
+
+
+def fresh_variables(**model_overrides):
+    """Zero {'params', 'batch_stats'} of an r18x0.25 model at 16 px."""
+    model = models.build_model(
+        config_lib.model_config("r18x0.25", num_classes=4, **model_overrides)
+    )
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(1), np.zeros((1, 16, 16, 3), np.float32), train=False)
+    )
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
+
+
+def prefixes(init_proj_layers):
+    return harness.weight_prefixes(
+        ml_collections.ConfigDict(dict(init_proj_layers=init_proj_layers))
+    )
+
+
+def test_init_projection_layers_copy_what_matches_and_name_what_does_not(stage1, caplog):
+    caplog.set_level(logging.INFO)
+    loaded = checkpoint.load_variables(stage1)  # 3 layers, 128 wide, 128-d output
+    # A 64-d output: -1 copies the two hidden layers and leaves the last one fresh, logged.
+    narrow = fresh_variables(proj_dim=64)
+    merged, copied = checkpoint.merge_variables(narrow, loaded, prefixes(-1))
+    assert "copying 2 of the model's 3 layers (the checkpoint has 3)" in caplog.text
+    assert "layers 3..3 start fresh" in caplog.text and "dense3/kernel" in caplog.text
+    head = merged["params"]["projection_head"]
+    np.testing.assert_array_equal(
+        head["dense2"]["kernel"], loaded["params"]["projection_head"]["dense2"]["kernel"]
+    )
+    assert not np.any(head["dense3"]["kernel"]) and not any("bn3" in c for c in copied)
+    # Asked for by number, a layer of another shape is an error that names it.
+    with pytest.raises(
+        ValueError, match=r"dense3/kernel: checkpoint \(128, 128\) vs model \(128, 64\)"
+    ):
+        checkpoint.merge_variables(narrow, loaded, prefixes(3))
+    # A 2-layer head: its last layer (BatchNorm without bias) is not the checkpoint's hidden
+    # layer 2, even where the kernels have the same shape.
+    shallow = fresh_variables(proj_layers=2)
+    assert checkpoint.shared_projection_layers(shallow, loaded) == 1
+    with pytest.raises(ValueError, match="projection_head/bn2/bias: not in the model"):
+        checkpoint.merge_variables(shallow, loaded, prefixes(2))
+    with pytest.raises(ValueError, match="does not have"):
+        checkpoint.merge_variables(shallow, loaded, prefixes(3))
+    # The whole head when the architectures match.
+    same = fresh_variables()
+    assert checkpoint.shared_projection_layers(same, loaded) == 3
+    _, copied = checkpoint.merge_variables(same, loaded, prefixes(-1))
+    assert not any(c.startswith(("params/head/", "batch_stats/head/")) for c in copied)
+    every_layer = {
+        f"{collection}/{name}"
+        for collection, tree in loaded.items()
+        for name in traverse_util.flatten_dict(tree, sep="/")
+        if name.startswith("projection_head/")
+    }
+    assert {c for c in copied if "/projection_head/" in c} == every_layer
 
 
 def run_main(*args, timeout=600):

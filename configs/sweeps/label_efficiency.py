@@ -127,6 +127,9 @@ def pretraining_stages(a: dict) -> list[Stage]:
                 ),
                 config_arg=_arg(f"arch={{arch}},augment={PRETRAIN_AUGMENT[task]}", a),
                 runs=product(task=[task], arch=[arch], method=ssl),
+                # Equal compute: both methods keep the configs' total_epochs, and a
+                # pre-training epoch counts images in both modes (data.epoch_unit
+                # 'images'), so SimCLR and MICLe run the same steps and views.
                 # Step 2 of the paper starts from step 1's ImageNet SimCLR weights.
                 depends_on="imagenet_simclr_{arch}",
             )

@@ -8,6 +8,13 @@ Epoch e of a training stream is an order of this process's units drawn from
   - streamed sources: the share's files in a permuted order, then a shuffle
     buffer seeded by (seed, e); a resumed epoch skips what came before, by
     reading, before anything is decoded.
+
+These stream epochs are the unit of shuffling and resume. The epochs of a
+config (total_epochs, warmup_epochs) count pairs instead, by `epoch_unit`
+(`pairs_per_epoch`): 'images' by default, in 'simclr' and 'micle' alike, so
+both get the same steps and views. A 'micle' stream then passes over its
+cases about images/cases times in one config epoch; its own epochs (and so
+its shuffling and resume) stay passes over the cases.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from micle_jax.data import sources
 # Salts of the seed tree: one independent stream of randomness per purpose.
 ORDER, AUGMENT = 1, 2
 FOREVER = 2**62  # epochs: the training stream never ends
+EPOCH_UNITS = ("images", "cases")  # what one config epoch of pre-training counts
 
 
 def kept_mask(case_ids: np.ndarray, kept: list[str] | None) -> np.ndarray:
@@ -38,6 +46,20 @@ def num_units(counts: sources.CaseCounts, mode: str, kept: list[str] | None = No
         return int(counts.labeled[kept_mask(counts.case_ids, kept)].sum())
     if mode == "supervised":
         return int(counts.labeled.sum())
+    return int(counts.images.sum())
+
+
+def pairs_per_epoch(counts: sources.CaseCounts, epoch_unit: str) -> int:
+    """Contrastive pairs in one config epoch of a share, whatever the mode.
+
+    'images': one pair per image, 'cases': one per case. The same for
+    'simclr' (a pair per image drawn) and 'micle' (a pair per case drawn), so
+    that equal epochs are equal compute when the two are compared.
+    """
+    if epoch_unit not in EPOCH_UNITS:
+        raise ValueError(f"epoch_unit={epoch_unit!r} must be one of {EPOCH_UNITS}")
+    if epoch_unit == "cases":
+        return len(counts.images)
     return int(counts.images.sum())
 
 

@@ -170,7 +170,7 @@ def restore_or_init(
       meta: what this run would save as meta; a resumed checkpoint must agree
         on 'global_batch_size' and 'seed' (else the data position is wrong).
       init_checkpoint: '' or a workdir/checkpoint of another run (weights only).
-      init_prefixes: top-level modules copied from the init checkpoint.
+      init_prefixes: modules copied from the init checkpoint (`weight_prefixes`).
     """
     latest = manager.latest_step()
     if latest is not None:
@@ -286,14 +286,25 @@ def nonfinite_message(step: int, manager) -> str:
     )
 
 
-def weight_prefixes(model_config) -> tuple[str, ...]:
-    """Modules copied from an init checkpoint: the backbone and, if any, projection layers."""
-    prefixes = ["backbone"]
-    proj = int(model_config.get("init_proj_layers", 0) or 0)
-    # models/heads.py names projection layer i (1-based) 'dense{i}' and 'bn{i}'.
-    for i in range(1, proj + 1):
-        prefixes += [f"projection_head/dense{i}", f"projection_head/bn{i}"]
-    return tuple(prefixes)
+def weight_prefixes(init_config) -> tuple[str, ...]:
+    """Modules copied from an init checkpoint: the backbone and projection layers.
+
+    init_config.init_proj_layers: k >= 0 copies projection layers 1..k, which
+    must be in the checkpoint with the model's shapes (fine-tuning: SimCLR's
+    ft_proj_selector); -1 copies every leading layer that the checkpoint and
+    the model share (pre-training from a pre-training run: the whole head and
+    its BatchNorm statistics, as SimCLR's --checkpoint restores the whole
+    model; what a shallower or narrower head leaves fresh is logged). The
+    supervised head `head` is never copied: its classes may differ.
+    """
+    proj = int(init_config.get("init_proj_layers", 0) or 0)
+    if proj < -1:
+        raise ValueError(
+            f"config.init.init_proj_layers={proj}: expected -1 (every shared layer) or k >= 0"
+        )
+    if proj == -1:
+        return ("backbone", checkpoint.SHARED_PROJECTION_LAYERS)
+    return ("backbone", *checkpoint.projection_layer_prefixes(proj))
 
 
 def run_periodically(every: int, step: int, total: int) -> bool:

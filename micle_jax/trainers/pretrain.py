@@ -53,9 +53,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- Input pipeline (sizes first; the dataset is built at the resumed step). ---
     info = pipeline.get_info(config.data)
-    num_examples = pipeline.num_examples(config.data, config.data.mode)
-    total_steps = config_lib.get_steps("total", config, num_examples, config.batch_size)
-    warmup_steps = config_lib.get_steps("warmup", config, num_examples, config.batch_size, 0)
+    # An epoch is as many pairs as data.epoch_unit says ('images' by default, in
+    # both modes), not one pass of the micle stream over its cases.
+    num_pairs = pipeline.pairs_per_epoch(config.data)
+    total_steps = config_lib.get_steps("total", config, num_pairs, config.batch_size)
+    warmup_steps = config_lib.get_steps("warmup", config, num_pairs, config.batch_size, 0)
     probe = bool(config.linear_probe) and info.label_type == "multiclass" and info.num_classes > 0
 
     # --- Model and optimizer. ---
@@ -98,10 +100,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             {k: v for k, v in _flat(config).items() if isinstance(v, int | float | str | bool)}
         )
     logging.info(
-        "%s pre-training: %d examples/epoch, global batch %d, steps %d..%d (warm-up %d), "
-        "%d devices in %d processes, linear probe %s",
+        "%s pre-training: %d pairs/epoch (epoch_unit=%s), global batch %d, steps %d..%d "
+        "(warm-up %d), %d devices in %d processes, linear probe %s",
         config.data.mode,
-        num_examples,
+        num_pairs,
+        config.data.epoch_unit,
         config.batch_size,
         start_step,
         total_steps,
