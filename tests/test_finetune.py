@@ -217,6 +217,9 @@ def test_linear_eval_multiclass_end_to_end(pretrained, tmp_path):
     assert {r["checkpoint"] for r in rows} == {"final", "best"}
     for row in rows:
         assert RESULT_KEYS <= set(row)
+        if row["eval"] == "train":  # the first logged training loss: one number, no interval
+            assert row["metric"] == "first_logged_loss" and np.isnan(row["ci_low"]), row
+            continue
         assert row["ci_low"] <= row["value"] <= row["ci_high"], row
     test_final = {
         r["metric"]: r for r in rows if r["eval"] == "test" and r["checkpoint"] == "final"
@@ -395,3 +398,87 @@ def test_configs_build_with_the_published_values(path, arg):
 def test_linear_eval_needs_a_pretrained_init():
     with pytest.raises(ValueError, match="init=WORKDIR"):
         load_config("configs/linear_eval.py", "task=derm")
+
+
+def _inflate_projection_layer1(pretrained, out_dir, factor):
+    """A copy of `pretrained` with projection layer 1's BatchNorm scale and offset x factor.
+
+    Pre-training cannot tell the two apart (layer 2's BatchNorm removes the
+    scale), and its running statistics are rescaled to match, so this is the
+    state a long pre-training with raw BatchNorm steps drifts to.
+    """
+    variables = checkpoint.load_variables(pretrained)
+    bn1 = variables["params"]["projection_head"]["bn1"]
+    variables["params"]["projection_head"]["bn1"] = {k: v * factor for k, v in bn1.items()}
+    bn2 = variables["batch_stats"]["projection_head"]["bn2"]
+    variables["batch_stats"]["projection_head"]["bn2"] = {
+        "mean": bn2["mean"] * factor,
+        "var": bn2["var"] * factor**2,
+    }
+    manager = checkpoint.make_manager(str(out_dir), 1, async_save=False)
+    checkpoint.save(manager, 2, variables, {"step": 2})
+    manager.close()
+    return str(out_dir)
+
+
+def test_head_input_normalisation_keeps_the_pretrained_function(pretrained, tmp_path):
+    """Finding 1: rescaling projection layer 1 is invisible to the contrastive objective.
+
+    The inflated copy and the original give the same NT-Xent loss in training
+    mode and the same projections in inference mode; `normalize_head_input`
+    brings the inflated copy back to unit BatchNorm scale without changing
+    its projections either.
+    """
+    from micle_jax import losses
+
+    inflated = _inflate_projection_layer1(pretrained, tmp_path / "inflated", 30.0)
+    model = models.build_model(config_lib.model_config("r18x0.25"))
+    original = checkpoint.load_variables(pretrained)
+    big = checkpoint.load_variables(inflated)
+    fixed, factor = finetune.normalize_head_input(big, head_input=1)
+    images = np.random.default_rng(0).uniform(size=(16, 16, 16, 3)).astype(np.float32)
+
+    def contrastive_loss(variables):
+        out, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        z1, z2 = np.split(np.asarray(out["projections"]), 2)
+        return float(losses.nt_xent(z1, z2, 0.1))
+
+    def projections(variables):
+        return np.asarray(model.apply(variables, images, train=False)["projections"])
+
+    def head_input_rms(variables):
+        scale = np.asarray(variables["params"]["projection_head"]["bn1"]["scale"])
+        return float(np.sqrt(np.mean(scale**2)))
+
+    # Equal up to BatchNorm epsilon (1e-5 against a variance 900x larger).
+    assert contrastive_loss(big) == pytest.approx(contrastive_loss(original), rel=1e-3)
+    np.testing.assert_allclose(projections(fixed), projections(original), rtol=2e-3, atol=2e-4)
+    assert head_input_rms(big) > 20 * head_input_rms(original)
+    assert head_input_rms(fixed) == pytest.approx(1.0, rel=1e-5)
+    assert factor == pytest.approx(1.0 / head_input_rms(big), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_finetuning_from_an_inflated_pretraining_starts_no_worse_than_scratch(pretrained, tmp_path):
+    """Finding 1: the first logged training loss from a pre-trained run is not above scratch's.
+
+    The checkpoint's projection layer 1 is 30x larger than the original
+    (the drift of raw BatchNorm steps under LARS); by default fine-tuning
+    normalises it back. Without that (normalize_head_input=False) the
+    zero-initialised head overshoots: its first logged loss is above scratch's.
+    """
+    inflated = _inflate_projection_layer1(pretrained, tmp_path / "inflated", 30.0)
+
+    def first_loss(name, **overrides):
+        config = finetune_config(steps=6, **{"log_every_steps": 3, **overrides})
+        finetune.main(config, str(tmp_path / name))
+        rows = read_results(str(tmp_path / name))["results"]
+        (row,) = [r for r in rows if r["metric"] == "first_logged_loss"]
+        assert row["step"] == config.log_every_steps and row["protocol"] == "finetune"
+        return row["value"]
+
+    scratch = first_loss("scratch")
+    normalised = first_loss("normalised", **{"init.checkpoint": inflated})
+    raw = first_loss("raw", **{"init.checkpoint": inflated, "init.normalize_head_input": False})
+    assert normalised <= scratch * 1.05, (normalised, scratch)
+    assert raw > 2 * scratch, (raw, scratch)

@@ -79,6 +79,81 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def normalize_head_input(variables: dict, head_input: int) -> tuple[dict, float]:
+    """Rescales the BatchNorm of projection layer `head_input` to unit RMS scale.
+
+    Why: pre-training leaves the scale of a projection layer arbitrary. Its
+    output goes through ReLU (positively homogeneous) into a bias-free Dense
+    and the next BatchNorm (or, for the last layer, the L2 normalisation of
+    NT-Xent), so multiplying its BatchNorm scale and offset by c > 0 changes
+    neither the contrastive loss nor any gradient direction, only the size of
+    the layer's output. LARS excludes BatchNorm from its trust ratio (SimCLR),
+    so those parameters take raw steps at the peak learning rate and drift
+    to large norms (in a 60-step demo run the BatchNorm norm grew 4.5x). The
+    fine-tuning head reads this layer (SimCLR's ft_proj_selector), and its
+    effective learning rate grows with the squared norm of its input: a
+    zero-initialised head on an inflated layer overshoots (training loss
+    3.7-3.9 at the first log, 0.69 from scratch). Fixing the free scale at its
+    initial value (RMS of the BatchNorm scale = 1, as BatchNorm is
+    initialised) makes fine-tuning from any pre-trained run start like one
+    from scratch, and leaves the pre-trained function unchanged up to that
+    scale: the next layer's running mean and variance are rescaled with it.
+
+    Args:
+      variables: {'params', 'batch_stats'} host trees after the init checkpoint
+        was merged in.
+      head_input: the layer the head reads (0 = backbone features: untouched).
+
+    Returns:
+      (variables, c): the rescaled variables and the factor applied (1.0 when
+      there is nothing to rescale).
+    """
+    if head_input < 1:
+        return variables, 1.0
+    params = variables["params"].get("projection_head", {})
+    bn = params.get(f"bn{head_input}")
+    if bn is None or "scale" not in bn:
+        return variables, 1.0
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(bn["scale"], np.float64)))))
+    if not np.isfinite(rms) or rms <= 0:
+        return variables, 1.0
+    c = 1.0 / rms
+    new_bn = {k: np.asarray(v) * c for k, v in bn.items()}
+    projection = {**params, f"bn{head_input}": new_bn}
+    new_params = {**variables["params"], "projection_head": projection}
+    stats = variables.get("batch_stats", {})
+    head_stats = stats.get("projection_head", {})
+    following = head_stats.get(f"bn{head_input + 1}")
+    if following is not None:
+        # The next BatchNorm sees inputs c times larger: its running moments follow.
+        following = {
+            "mean": np.asarray(following["mean"]) * c,
+            "var": np.asarray(following["var"]) * c * c,
+        }
+        stats = {**stats, "projection_head": {**head_stats, f"bn{head_input + 1}": following}}
+    return {**variables, "params": new_params, "batch_stats": stats}, c
+
+
+def protocol_of(config: ml_collections.ConfigDict) -> str:
+    """The report's protocol of a fine-tuning config: 'linear' (frozen backbone) or 'finetune'."""
+    return "linear" if config.model.fine_tune_after_block == 4 else "finetune"
+
+
+def first_logged_loss_row(first_log: dict, task) -> dict:
+    """The results.json row of the training loss at the first logged step (no interval)."""
+    return {
+        "eval": "train",
+        "metric": "first_logged_loss",
+        "value": float(first_log["loss"]),
+        "ci_low": float("nan"),
+        "ci_high": float("nan"),
+        "split": "train",
+        "dataset": task.dataset,
+        "step": int(first_log["step"]),
+        "checkpoint": "final",
+    }
+
+
 def _best_value(manager) -> tuple[int | None, float]:
     """(step, selection value) of the kept best checkpoint, or (None, -inf)."""
     step = manager.latest_step() if manager is not None else None
@@ -148,6 +223,19 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         harness.weight_prefixes(config.init),
     )
     start_step = int(jax.device_get(state.step))
+    if start_step == 0 and config.init.checkpoint and config.init.normalize_head_input:
+        host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        host, factor = normalize_head_input(host, config.model.head_input)
+        state = jax.device_put(
+            state.replace(params=host["params"], batch_stats=host["batch_stats"]),
+            state_shardings,
+        )
+        logging.info(
+            "Head input (projection layer %d) rescaled by %.4g to unit BatchNorm scale "
+            "(config.init.normalize_head_input)",
+            config.model.head_input,
+            factor,
+        )
     best_step, best_value = _best_value(best_manager)
 
     # --- Logging (process 0 writes). ---
@@ -199,6 +287,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             logging.info("New best %s=%.4f at step %d", config.select_best, value, at_step)
 
+    first_log: dict[str, float] = {}
+
+    def remember_first_log(at_step: int, summary: dict) -> None:
+        # The training loss at the first logged step: the number that shows
+        # whether fine-tuning from a checkpoint starts worse than from scratch.
+        if not first_log and start_step == 0:
+            first_log.update(step=at_step, loss=summary["loss"])
+
     # --- Train loop (the last step's evals are the final evaluation below). ---
     state, step, last = loop.train(
         config,
@@ -215,6 +311,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         evals,
         evals_at_last_step=False,
         on_eval=keep_if_best,
+        on_log=remember_first_log,
     )
     if step < total_steps:
         harness.write_status(workdir, "preempted", step=step, total_steps=total_steps)
@@ -245,6 +342,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except Exception as e:
         harness.write_status(workdir, "failed", step=step, error=f"final evaluation: {e}")
         raise
+    if first_log:
+        rows.append(first_logged_loss_row(first_log, task))
+    rows = [{**r, "protocol": protocol_of(config)} for r in rows]
     results_path = base.write_results(workdir, config, rows, artifacts)
     final = evaluators.scalars(outputs)
     harness.write_status(
@@ -320,6 +420,7 @@ def evaluate_checkpoint(
     outputs, rows, artifacts = evaluators.run_evaluators(evals, variables, step, label)
     os.makedirs(workdir, exist_ok=True)
     task.save(workdir)
+    rows = [{**r, "protocol": protocol_of(config)} for r in rows]
     path = base.write_results(workdir, config, rows, artifacts)
     logging.info("Evaluated %s (step %d, %s); results in %s", state_dir, step, label, path)
     return evaluators.scalars(outputs)

@@ -29,6 +29,7 @@ def train(
     evals: Mapping[str, base.Evaluator],
     evals_at_last_step: bool = True,
     on_eval: Callable | None = None,
+    on_log: Callable | None = None,
 ) -> tuple[harness.TrainState, int, dict[str, float]]:
     """Trains from state.step to total_steps, or until a preemption.
 
@@ -38,7 +39,8 @@ def train(
     config.checkpoint_every_steps, the last step, and on SIGTERM), so only
     finite states are saved. Evaluators with `every_steps` run at their steps
     (the last step too unless `evals_at_last_step` is False) and
-    `on_eval(state, step, outputs)` sees their outputs. A non-finite loss writes
+    `on_eval(state, step, outputs)` sees their outputs; `on_log(step, summary)`
+    sees every logged summary of measurements. A non-finite loss writes
     status 'failed' and raises harness.NonFiniteLoss.
 
     Returns:
@@ -75,6 +77,8 @@ def train(
                 if log_now:
                     writer.write_scalars(step, summary)
                     last = summary
+                    if on_log is not None:
+                        on_log(step, summary)
             if save_now:
                 checkpoint.save(manager, step, state, {**meta, "step": step})
             due = [
