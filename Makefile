@@ -16,12 +16,13 @@ install: $(STAMP)
 
 DEMO_ROOT ?= workdirs/demo
 
-# The whole recipe at toy scale on the embedded real chest X-rays (README: Demo).
+# The paper's dermatology setting at toy scale on the embedded HAM10000 (README: Demo).
 # Rerunning skips finished runs and resumes interrupted ones.
 demo: $(STAMP)
 	$(PY) -m launch.sweep --sweep=configs/sweeps/demo.py --root=$(DEMO_ROOT) \
 	  --executor=local --parallel=2
-	$(PY) -m micle_jax.report --root=$(DEMO_ROOT) --show=split=test,checkpoint=best,metric=accuracy
+	$(PY) -m micle_jax.report --root=$(DEMO_ROOT) \
+	  --show='split=test,checkpoint=best|frozen,metric=balanced_accuracy|accuracy'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -70,6 +70,8 @@ def write_run_file(run: sweep_spec.Run, command: Sequence[str]) -> None:
         command=list(command),
         depends_on=run.depends_on,
     )
+    if run.tuned:
+        data["tune"] = dict(params=list(run.tuned), select=run.select)
     fd, tmp = tempfile.mkstemp(dir=run.workdir, prefix=".sweep_run")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, default=str)

@@ -139,6 +139,12 @@ class Stage:
       fixed_overrides: config key -> value, the same for every run.
       depends_on: template of the name of the run this one starts from.
       init_key: the config key that receives the dependency's workdir.
+      tuned: parameters that are hyper-parameters chosen on validation, not
+        compared (e.g. ('lr',)): the report keeps, for each arm (every other
+        parameter but the seed), the value whose `select` metric has the best
+        mean over seeds, and reports that value's runs.
+      select: 'EVAL/METRIC' that picks the tuned value, e.g.
+        'validation/balanced_accuracy' (its 'best' checkpoint when there is one).
     """
 
     name: str
@@ -150,6 +156,15 @@ class Stage:
     fixed_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     depends_on: Template = None
     init_key: str = "init.checkpoint"
+    tuned: Sequence[str] = ()
+    select: str = ""
+
+    def __post_init__(self):
+        if self.tuned and "/" not in self.select:
+            raise ValueError(
+                f"stage {self.name!r}: tuned={tuple(self.tuned)} needs select='EVAL/METRIC', "
+                "the validation metric that chooses among them"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +180,8 @@ class Run:
     workdir: str
     args: tuple[str, ...]
     depends_on: str | None
+    tuned: tuple[str, ...] = ()
+    select: str = ""
 
     def command(self, prefix: Sequence[str]) -> list[str]:
         """The full command line: `prefix + args`."""
@@ -261,7 +278,12 @@ def _expand_one(stage: Stage, params: Params, root: str) -> Run:
         raise ValueError(f"dependency cycle: {name} -> {name}")
     if depends_on is not None:
         args.append(f"--config.{stage.init_key}={os.path.join(root, depends_on)}")
-    return Run(name, stage.name, params, workdir, tuple(args), depends_on)
+    missing = [p for p in stage.tuned if p not in params]
+    if missing:
+        raise ValueError(f"stage {stage.name!r}: tuned parameters {missing} are not in {params}")
+    return Run(
+        name, stage.name, params, workdir, tuple(args), depends_on, tuple(stage.tuned), stage.select
+    )
 
 
 def dependency_order(runs: Sequence[Run]) -> list[Run]:

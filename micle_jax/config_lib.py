@@ -317,6 +317,9 @@ def finetune_config(arch: str) -> ml_collections.ConfigDict:
     )
     config.eval_batch_size = 1024
     config.zero_init_head = True  # SimCLR: zero_init_logits_layer
+    # '' = SimCLR's unweighted loss; 'balanced' weights each class by
+    # n / (classes * n_class) (multiclass; e.g. HAM10000, 67% 'nv').
+    config.class_weight = ""
     config.select_best = ""
     config.bootstrap_samples = 1000
     # normalize_head_input: the projection layer the head reads starts at unit

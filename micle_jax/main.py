@@ -102,7 +102,11 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
         from micle_jax.trainers import finetune
 
         return finetune.main(config, workdir)
-    raise ValueError(f"config.trainer={trainer!r}; accepted: pretrain, finetune")
+    if trainer == "feature_eval":
+        from micle_jax.trainers import feature_eval
+
+        return feature_eval.main(config, workdir)
+    raise ValueError(f"config.trainer={trainer!r}; accepted: pretrain, finetune, feature_eval")
 
 
 def main(argv):

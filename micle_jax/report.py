@@ -42,6 +42,10 @@ RUN_FILE = "sweep_run.json"  # written by launch/sweep.py
 STATUS_FILE = "run_status.json"
 # Where a result comes from, besides the run's sweep parameters.
 RESULT_KEYS = ("dataset", "split", "eval", "checkpoint", "metric")
+# results.json entry fields that say which comparison a number belongs to.
+ENTRY_TAGS = ("protocol", "label_fraction")
+# A row's run's sweep_run.json 'tune' ({'params', 'select'}) plus 'arm': its other parameters.
+TUNE_KEY = "_tune"
 METHOD_ORDER = ("supervised", "scratch", "simclr", "micle")
 CSV_COLUMNS_AFTER = (
     "n",
@@ -93,8 +97,19 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
             continue
         stages_with_results.add(stage)
         params = dict(run_info.get("params") or {"method": name})
+        tune = run_info.get("tune")
+        if tune:
+            # The arm of a tuned run: its own parameters but the seed and the tuned
+            # ones, kept aside because a row's entry fields shadow a parameter of
+            # the same name (a 'dataset' parameter by the entry's dataset).
+            skip = {"seed", *tune.get("params", ())}
+            tune = {**tune, "arm": {k: v for k, v in params.items() if k not in skip}}
         try:
-            rows.extend(_result_rows(_read_json(results_file), name, params))
+            new = _result_rows(_read_json(results_file), name, params)
+            for row in new:
+                if tune:
+                    row[TUNE_KEY] = tune
+            rows.extend(new)
         except (OSError, ValueError, TypeError, KeyError) as e:
             problems.append(f"{results_file}: unreadable ({type(e).__name__}: {e})")
     for stage in sorted(stages_with_results - {None}):
@@ -131,7 +146,12 @@ def _result_rows(data, run: str, params: dict) -> list[dict]:
             "ci_high": float(entry.get("ci_high", math.nan)),
             "step": int(entry.get("step", -1)),
         }
-        key = tuple(row[k] for k in RESULT_KEYS)
+        # One run may report several protocols and label fractions (the frozen
+        # feature evaluation): those of the entry win over the run's parameters.
+        for tag in ENTRY_TAGS:
+            if tag in entry:
+                row[tag] = entry[tag]
+        key = tuple(row[k] for k in (*RESULT_KEYS, *ENTRY_TAGS) if k in row)
         if key not in latest or row["step"] >= latest[key]["step"]:
             latest[key] = row
     return list(latest.values())
@@ -161,10 +181,78 @@ def seed_interval(values: Sequence[float], ci_lows: Sequence[float], ci_highs: S
 
 def param_columns(rows: Sequence[dict]) -> list[str]:
     """The sweep parameters rows are grouped by: method, label_fraction, then the rest."""
-    skip = {"run", "seed", "value", "ci_low", "ci_high", "step", *RESULT_KEYS}
+    skip = {"run", "seed", "value", "ci_low", "ci_high", "step", TUNE_KEY, *RESULT_KEYS}
     names = {k for row in rows for k in row if k not in skip}
-    first = [k for k in ("method", "label_fraction") if k in names]
+    first = [k for k in ("method", "protocol", "label_fraction") if k in names]
     return first + sorted(names - set(first))
+
+
+def select_tuned(rows: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """Keeps, for each arm, the runs of the tuned value chosen on validation.
+
+    Rows of runs whose sweep stage has `tuned` parameters (sweep_run.json
+    'tune': {'params': ['lr'], 'select': 'validation/balanced_accuracy'})
+    form arms: every parameter but the seed and the tuned ones. In each arm the
+    tuned values are ranked by the mean over seeds of the `select` metric (the
+    'best' checkpoint's if the runs have one, else 'final'); the best value's
+    rows are kept with a 'tuned' column ('lr=0.1') and the tuned parameters
+    dropped, the others are left out. Test numbers never take part.
+
+    Returns:
+      (rows, one line per arm saying what was chosen and from which values).
+    """
+    plain = [r for r in rows if TUNE_KEY not in r]
+    tuned_rows = [r for r in rows if TUNE_KEY in r]
+    arms: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for row in tuned_rows:
+        names = tuple(row[TUNE_KEY]["params"])
+        columns = {
+            (k, str(v))
+            for k, v in row.items()
+            if k not in {"run", "seed", TUNE_KEY, *names} and k not in _VALUE_KEYS
+        }
+        run_params = {(k, str(v)) for k, v in (row[TUNE_KEY].get("arm") or {}).items()}
+        arm = tuple(sorted(columns | run_params))
+        arms[(names, row[TUNE_KEY]["select"], arm)].append(row)
+    kept, notes = list(plain), []
+    by_run: dict[tuple, dict[str, list[dict]]] = collections.defaultdict(dict)
+    for (names, select, arm), members in arms.items():
+        for row in members:
+            by_run[(names, select, arm)].setdefault(row["run"], []).append(row)
+    for (names, select, arm), runs in by_run.items():
+        eval_name, _, metric = select.partition("/")
+        scores: dict[tuple, list[float]] = collections.defaultdict(list)
+        for run_rows in runs.values():
+            value = tuple(run_rows[0].get(n) for n in names)
+            chosen = [r for r in run_rows if (r["eval"], r["metric"]) == (eval_name, metric)]
+            best = [r for r in chosen if r["checkpoint"] == "best"] or chosen
+            if best:
+                scores[value].append(best[0]["value"])
+        if not scores:
+            notes.append(f"{dict(arm)}: no run has {select}; its runs are left out")
+            continue
+        means = {v: float(np.mean(s)) for v, s in scores.items()}
+        choice = max(sorted(means, key=str), key=lambda v: means[v])
+        label = ",".join(f"{n}={v}" for n, v in zip(names, choice, strict=True))
+        tried = "; ".join(
+            f"{','.join(f'{n}={x}' for n, x in zip(names, v, strict=True))}: {means[v]:.4f}"
+            for v in sorted(means, key=str)
+        )
+        arm_text = ", ".join(
+            f"{k}={v}" for k, v in arm if k in ("dataset", "method", "label_fraction")
+        )
+        notes.append(f"{arm_text}: {label} by mean {select} over seeds ({tried})")
+        for run_rows in runs.values():
+            if tuple(run_rows[0].get(n) for n in names) != choice:
+                continue
+            for row in run_rows:
+                out = {k: v for k, v in row.items() if k not in names and k != TUNE_KEY}
+                out["tuned"] = label
+                kept.append(out)
+    return kept, notes
+
+
+_VALUE_KEYS = {"value", "ci_low", "ci_high", "step", *RESULT_KEYS}
 
 
 def _sort_key(value):
@@ -278,26 +366,41 @@ def write_report(root: str, out: str | None = None) -> dict:
             f"no results found under {root}: no ROOT/<run>/{RESULTS_FILE} could be read; "
             f"have the evaluating runs finished?{details}"
         )
+    rows, choices = select_tuned(rows)
     summary, params = aggregate(rows)
     out = out or os.path.join(root, "report")
     os.makedirs(out, exist_ok=True)
     table = markdown_table(summary, params)
     paths = [os.path.join(out, "results.md"), os.path.join(out, "results.csv")]
+    chosen = "".join(f"- {c}\n" for c in choices)
     with open(paths[0], "w") as f:
         f.write(f"# Results of {root}\n\n{table}")
+        if chosen:
+            f.write(f"\nHyper-parameters chosen on validation:\n\n{chosen}")
     write_csv(paths[1], summary, params)
     paths += report_plots.plot_label_efficiency(summary, params, out)
     paths += report_plots.plot_distribution_shift(summary, params, out)
-    return dict(table=table, paths=paths, problems=problems, summary=summary, params=params)
+    return dict(
+        table=table, paths=paths, problems=problems, summary=summary, params=params, choices=choices
+    )
 
 
 def select_rows(summary: list[dict], show: str) -> list[dict]:
-    """The summary rows matching every 'key=value' of `show` (comma-separated; '' = all)."""
+    """The summary rows matching every 'key=value' of `show` (comma-separated; '' = all).
+
+    A value may list alternatives with '|': 'metric=accuracy|balanced_accuracy'.
+    """
     wanted = [item.split("=", 1) for item in show.split(",") if item.strip()]
     for item in wanted:
         if len(item) != 2:
             raise ValueError(f"--show={show!r}: expected key=value pairs such as split=test")
-    return [r for r in summary if all(str(r.get(k.strip())) == v.strip() for k, v in wanted)]
+    options = [(k.strip(), {v.strip() for v in value.split("|")}) for k, value in wanted]
+    return [r for r in summary if all(_spellings(r.get(k)) & vs for k, vs in options)]
+
+
+def _spellings(value) -> set[str]:
+    """How --show may write a value: str(), and '1' as well as '1.0' for floats."""
+    return {str(value), f"{value:g}"} if isinstance(value, float) else {str(value)}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from micle_jax import report
 
-_NOT_IN_PANEL_KEY = {"method", "label_fraction", "dataset", "split", "eval"}
+_NOT_IN_PANEL_KEY = {"method", "label_fraction", "dataset", "split", "eval", "tuned"}
 
 
 def _slug(parts: Sequence) -> str:
@@ -50,7 +50,10 @@ def plot_label_efficiency(summary: Sequence[dict], params: Sequence[str], out: s
     """
     if "method" not in params or "label_fraction" not in params:
         return []
-    columns = [c for c in (*params, *report.RESULT_KEYS) if c not in ("method", "label_fraction")]
+    # 'tuned' (the hyper-parameter chosen per arm) differs between the points of one curve.
+    columns = [
+        c for c in (*params, *report.RESULT_KEYS) if c not in ("method", "label_fraction", "tuned")
+    ]
     panels = collections.defaultdict(list)
     for row in summary:
         if isinstance(row["label_fraction"], int | float):

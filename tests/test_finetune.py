@@ -482,3 +482,52 @@ def test_finetuning_from_an_inflated_pretraining_starts_no_worse_than_scratch(pr
     raw = first_loss("raw", **{"init.checkpoint": inflated, "init.normalize_head_input": False})
     assert normalised <= scratch * 1.05, (normalised, scratch)
     assert raw > 2 * scratch, (raw, scratch)
+
+
+def test_balanced_class_weights_match_sklearn_and_weight_the_loss():
+    """class_weight='balanced': sklearn's weights; the step's loss is their weighted mean."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([0] * 12 + [1] * 3 + [3] * 1)  # class 2 absent
+    counts = np.bincount(labels, minlength=4)
+    weights = step_lib.balanced_class_weights(counts)
+    expected = compute_class_weight("balanced", classes=np.array([0, 1, 3]), y=labels)
+    np.testing.assert_allclose(weights[[0, 1, 3]], expected, rtol=1e-6)
+    assert weights[2] == 0.0
+    with pytest.raises(ValueError, match="at least one labelled"):
+        step_lib.balanced_class_weights(np.zeros(3))
+
+    # The train step's loss is sum_i w[y_i] * CE_i / sum_i w[y_i] (label -1 left out).
+    config = config_lib.model_config("r18x0.25", num_classes=4, head_stop_gradient=False)
+    model = models.build_model(config)
+    images = np.random.default_rng(1).uniform(size=(8, 16, 16, 3)).astype(np.float32)
+    batch = {"image": images, "label": np.array([0, 0, 0, 1, 3, 1, -1, 0], np.int32)}
+    variables = model.init(jax.random.key(0), images, train=False)
+    import optax
+
+    tx = optax.sgd(0.0)
+    state = harness.TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+    step = step_lib.make_train_step(model, tx, lambda s: 0.0, "multiclass", weights)
+    _, measured = jax.jit(step)(state, batch)
+    out, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    logits = np.asarray(out["logits"], np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    keep = batch["label"] >= 0
+    ce = -log_probs[np.arange(8), np.maximum(batch["label"], 0)]
+    w = weights[np.maximum(batch["label"], 0)] * keep
+    assert float(measured["loss"]) == pytest.approx(float((w * ce).sum() / w.sum()), rel=1e-5)
+
+
+def test_class_counts_follow_the_label_fraction():
+    """pipeline.class_counts counts the labelled images of the kept cases (a second count)."""
+    config = finetune_config(**{"data.label_fraction": 0.5})
+    counts = pipeline.class_counts(config.data, seed=3)
+    assert counts.shape == (3,) and counts.min() > 0
+    assert counts.sum() == pipeline.num_examples(config.data, "supervised", seed=3)
+    full = finetune_config()
+    assert pipeline.class_counts(full.data, seed=3).sum() > counts.sum()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -182,6 +183,30 @@ def _kept_cases(cfg: dict, source: sources.Source, seed: int) -> list[str] | Non
         stratify=multiclass,
         class_names=info.class_names,
     )
+
+
+def class_counts(data_config, seed: int) -> np.ndarray:
+    """Labelled training images per class [C] of a multiclass split, label fraction applied.
+
+    The cases kept by data.label_fraction for `seed` (as the 'supervised'
+    stream reads them); for class-balanced losses.
+    """
+    cfg = _config(data_config)
+    source = sources.get_source(cfg["source"])
+    info = source.info
+    if info.label_type != "multiclass":
+        raise ValueError(
+            f"class counts need multiclass labels; {info.name!r} has label_type {info.label_type!r}"
+        )
+    case_ids, labels = source.image_labels(cfg["split"])
+    labels = np.asarray(labels)
+    kept = _kept_cases(cfg, source, seed)
+    if kept is not None:
+        keep = set(kept)
+        inside = np.array([fractions._as_str(c) in keep for c in case_ids], bool)
+        labels = labels[inside]
+    labels = labels[labels >= 0]
+    return np.bincount(labels, minlength=info.num_classes).astype(np.int64)
 
 
 def num_examples(data_config, mode: str, seed: int = 0) -> int:

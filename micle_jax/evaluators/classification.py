@@ -45,8 +45,10 @@ def classification_metrics(
       seed: for the resampling.
 
     Returns:
-      metrics 'accuracy', 'top<k>', 'per_class_accuracy/<class>' (classes with
-      examples); artifacts {'confusion_matrix': [classes, classes] counts
+      metrics 'accuracy', 'top<k>', 'balanced_accuracy' (mean per-class
+      recall), 'auc_mean' (one-vs-rest ROC AUC of the softmax, averaged over
+      classes; the AUC for two classes), 'per_class_accuracy/<class>' (classes
+      with examples); artifacts {'confusion_matrix': [classes, classes] counts
       (rows true, columns predicted), 'class_names', 'num_images', 'num_cases'}.
     """
     logits = np.asarray(logits, np.float32)
@@ -59,7 +61,10 @@ def classification_metrics(
     correct = [metrics.topk_correct(logits, labels, 1)] + [
         metrics.topk_correct(logits, labels, k) for k in ks
     ]
+    # The confusion matrix's predictions: the same argmax (first index on
+    # ties) that metrics.topk_correct scores as top-1.
     predictions = np.argmax(logits, axis=1)
+    probs = metrics.softmax(logits)
 
     def compute(w: np.ndarray) -> np.ndarray:
         w = w * base_w
@@ -69,11 +74,17 @@ def classification_metrics(
         rows = matrix.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             per_class = np.where(rows > 0, np.diag(matrix) / np.where(rows > 0, rows, 1), np.nan)
-        return np.concatenate([accs, per_class])
+        # balanced accuracy: sklearn's balanced_accuracy_score, the mean recall of
+        # the classes present; auc_mean: roc_auc_score(multi_class='ovr',
+        # average='macro') over the classes with positives and negatives.
+        balanced = np.nanmean(per_class) if np.any(rows > 0) else np.nan
+        aucs = [metrics.roc_auc(probs[:, c], labels == c, w) for c in range(num_classes)]
+        auc_mean = np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan
+        return np.concatenate([accs, [balanced, auc_mean], per_class])
 
     values = compute(np.ones(len(labels)))
     low, high = bootstrap.confidence_interval(compute, case_ids, bootstrap_samples, seed)
-    names = ["accuracy"] + [f"top{k}" for k in ks]
+    names = ["accuracy"] + [f"top{k}" for k in ks] + ["balanced_accuracy", "auc_mean"]
     names += [f"per_class_accuracy/{c}" for c in class_names]
     result = [
         base.Metric(n, float(v), float(lo), float(hi))

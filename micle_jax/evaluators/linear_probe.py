@@ -67,6 +67,7 @@ def fit_linear_probe(
     train_mask: np.ndarray | None = None,
     l2: float = 1e-4,
     steps: int = 300,
+    balanced: bool = False,
 ) -> np.ndarray:
     """Fits a linear classifier on standardised train features; scores the test features.
 
@@ -78,6 +79,10 @@ def fit_linear_probe(
       train_mask: [m, C] multilabel label mask (0 = unknown); None for multiclass.
       l2: weight of the squared-norm penalty on the weights.
       steps: full-batch Adam steps.
+      balanced: multiclass only: weight each image by n / (C' * n_c), the
+        inverse frequency of its class (scikit-learn's class_weight='balanced',
+        C' the classes present), so that the loss, like balanced accuracy,
+        counts every class equally on imbalanced data.
 
     Returns:
       [n, C] float32 logits of the test features.
@@ -91,7 +96,13 @@ def fit_linear_probe(
         mask = jnp.asarray(train_mask, jnp.float32)
     else:
         y = jax.nn.one_hot(np.maximum(train_labels, 0), num_classes)
-        mask = jnp.asarray((train_labels >= 0)[:, None], jnp.float32)
+        weight = (train_labels >= 0).astype(np.float64)
+        if balanced:
+            counts = np.bincount(np.maximum(train_labels, 0), weights=weight, minlength=num_classes)
+            present = counts > 0
+            per_class = np.where(present, weight.sum() / (present.sum() * np.maximum(counts, 1)), 0)
+            weight = weight * per_class[np.maximum(train_labels, 0)]
+        mask = jnp.asarray(weight[:, None], jnp.float32)
     params = _fit(x, y, mask, jnp.float32(l2), multilabel, int(steps))
     test = (test_features - mean) / std
     return np.asarray(test @ np.asarray(params["w"]) + np.asarray(params["b"]), np.float32)

@@ -50,6 +50,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.batch_size <= 0:
         raise ValueError(f"config.batch_size={config.batch_size} must be > 0")
+    if config.class_weight not in ("", "balanced"):
+        raise ValueError(
+            f"config.class_weight={config.class_weight!r}; accepted: '' (unweighted, SimCLR) or "
+            "'balanced' (each class weighted by n / (classes * n_class), for imbalanced data)"
+        )
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] <= 0:
             raise ValueError(f"config.{name}={config[name]} must be > 0")
@@ -181,6 +186,18 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = config_lib.get_steps("total", config, num_examples, config.batch_size)
     warmup_steps = config_lib.get_steps("warmup", config, num_examples, config.batch_size, 0)
 
+    class_weights = None
+    if config.class_weight == "balanced":
+        counts = pipeline.class_counts(config.data, seed=config.seed)
+        class_weights = step_lib.balanced_class_weights(counts)
+        logging.info(
+            "Class-balanced loss: %s",
+            ", ".join(
+                f"{c}: {n} images x {w:.3g}"
+                for c, n, w in zip(task.class_names, counts, class_weights, strict=True)
+            ),
+        )
+
     # --- Model, then its evaluators: built (and so checked) before anything is written. ---
     model = step_lib.build_model(config, task)
     evals = evaluators.build_evaluators(config, task, model, mesh)
@@ -301,7 +318,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir,
         state,
         state_shardings,
-        step_lib.make_train_step(model, tx, schedule, task.label_type),
+        step_lib.make_train_step(model, tx, schedule, task.label_type, class_weights),
         dataset.as_numpy_iterator(),
         mesh,
         manager,

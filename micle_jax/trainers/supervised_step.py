@@ -64,12 +64,39 @@ def zero_head(params: dict) -> dict:
     return {**params, "head": jax.tree.map(jnp.zeros_like, params["head"])}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, label_type: str):
+def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
+    """n / (C' * n_c) per class (0 for absent ones): scikit-learn's class_weight='balanced'.
+
+    Args:
+      counts: [C] training images per class.
+
+    Returns:
+      [C] float32 weights; an image of class c counts weights[c] times in the loss.
+    """
+    counts = np.asarray(counts, np.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("class-balanced weights need at least one labelled training image")
+    weights = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    schedule,
+    label_type: str,
+    class_weights: np.ndarray | None = None,
+):
     """The jitted-to-be update: (state, batch) -> (state, measurements).
 
     batch: 'image' [B, H, W, 3] float32; 'label' int32 [B] (multiclass, -1 =
     none) or float32 [B, C] (multilabel) with 'label_mask' float32 [B, C].
+    class_weights: [C] multiclass only; each image's loss is weighted by its
+    class's weight (a weighted mean over the batch), None = unweighted.
     """
+    if class_weights is not None and label_type != "multiclass":
+        raise ValueError("class weights are for multiclass labels only")
     if label_type not in ("multiclass", "multilabel"):
         raise ValueError(f"label_type={label_type!r}; accepted: multiclass, multilabel")
 
@@ -85,7 +112,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, label_typ
             if label_type == "multiclass":
                 labels = batch["label"]
                 mask = (labels >= 0).astype(jnp.float32)
-                loss = losses.softmax_cross_entropy(logits, jnp.maximum(labels, 0), mask)
+                weight = mask
+                if class_weights is not None:
+                    weight = mask * jnp.asarray(class_weights)[jnp.maximum(labels, 0)]
+                loss = losses.softmax_cross_entropy(logits, jnp.maximum(labels, 0), weight)
                 hits = losses.topk_correct(logits, jnp.maximum(labels, 0), 1)
                 accuracy = jnp.sum(hits * mask) / jnp.maximum(mask.sum(), 1.0)
                 measurements = {"train_accuracy": accuracy, "labelled_fraction": mask.mean()}

@@ -1,0 +1,265 @@
+"""Frozen-feature evaluation: linear and k-NN protocols on a pre-trained (or random) backbone.
+
+The protocols SSL papers use to see what pre-training learned, where full
+fine-tuning at small scale is a blunt instrument:
+
+  - 'linear': an L2-regularised multinomial logistic regression on the
+    frozen backbone features (SimCLR's transfer protocol, Chen et al. 2020,
+    appendix B.8: features of the un-augmented, centre-cropped images, no
+    fine-tuning, the L2 weight chosen on a validation split);
+  - 'knn': the weighted k-NN of Wu et al. 2018 (cosine similarity, votes
+    exp(s / 0.07)), k chosen on the validation split.
+
+The backbone comes from config.init.checkpoint (a pre-training run), or is
+randomly initialised with config.seed when it is '' (the 'random' control:
+the same protocol on features nobody trained). Features of the train,
+validation and test splits are computed once; then for every label fraction
+(training cases kept by `fractions.select_cases`, stratified, seeded by
+config.seed) each protocol picks its hyper-parameter on the validation split
+by `config.select_metric` and reports validation and test metrics of that
+choice with 95% bootstrap intervals over cases. Test numbers never take part
+in a choice.
+
+WORKDIR/results.json rows carry `protocol`, `label_fraction` and the chosen
+hyper-parameter (`l2` or `k`) besides the usual fields, so that one run
+covers every fraction and both protocols.
+
+  python -m micle_jax.main --config=configs/feature_eval.py:records=data/demo/ham10000,\
+init=workdirs/demo/pretrain_micle --workdir=workdirs/demo/features_micle_s0
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from micle_jax import checkpoint, models, sharding
+from micle_jax.data import fractions, pipeline
+from micle_jax.evaluators import base, metrics
+from micle_jax.evaluators.classification import classification_metrics
+from micle_jax.evaluators.data import Context, EvalData, eval_seed
+from micle_jax.evaluators.knn import knn_scores, vote_log_shares
+from micle_jax.evaluators.linear_probe import fit_linear_probe
+from micle_jax.trainers import harness
+
+PROTOCOLS = ("linear", "knn")
+SELECT_METRICS = ("balanced_accuracy", "accuracy", "auc_mean")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks what the locked ConfigDict cannot (values, not names)."""
+    unknown = sorted(set(config.protocols) - set(PROTOCOLS))
+    if unknown or not config.protocols:
+        raise ValueError(
+            f"config.protocols={tuple(config.protocols)!r}: accepted protocols are "
+            f"{', '.join(PROTOCOLS)} (at least one)"
+        )
+    if config.select_metric not in SELECT_METRICS:
+        raise ValueError(
+            f"config.select_metric={config.select_metric!r}; accepted: {', '.join(SELECT_METRICS)}"
+        )
+    for f in config.label_fractions:
+        if not isinstance(f, int | float) or not 0 < f <= 1:
+            raise ValueError(
+                f"config.label_fractions has {f!r}; each fraction must be in (0, 1], e.g. "
+                "(0.01, 0.1, 1.0)"
+            )
+    if not config.linear.l2_grid or min(config.linear.l2_grid) < 0:
+        raise ValueError(
+            f"config.linear.l2_grid={tuple(config.linear.l2_grid)!r} must be non-empty with "
+            "values >= 0"
+        )
+    if not config.knn.k_grid or min(config.knn.k_grid) < 1:
+        raise ValueError(
+            f"config.knn.k_grid={tuple(config.knn.k_grid)!r} must be non-empty with values >= 1"
+        )
+
+
+def select_value(metric: str, scores: np.ndarray, labels: np.ndarray) -> float:
+    """The selection metric of class scores [n, C] against int labels [n] (higher is better)."""
+    if metric == "accuracy":
+        return float(np.mean(np.argmax(scores, axis=1) == labels))
+    if metric == "balanced_accuracy":
+        return metrics.balanced_accuracy(labels, np.argmax(scores, axis=1), scores.shape[1])
+    return metrics.macro_auc(scores, labels)
+
+
+def load_backbone(model, config: ml_collections.ConfigDict, image_size: int) -> tuple[dict, str]:
+    """The model's variables: random with config.seed, the backbone from init if given.
+
+    Returns:
+      ({'params', 'batch_stats'} host arrays, a description for the log).
+    """
+    dummy = np.zeros((2, image_size, image_size, 3), np.float32)
+    variables = jax.device_get(model.init(jax.random.key(config.seed), dummy, train=False))
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    if not config.init.checkpoint:
+        return variables, f"random initialisation (seed {config.seed})"
+    loaded = checkpoint.load_variables(config.init.checkpoint)
+    try:
+        merged, copied = checkpoint.merge_variables(variables, loaded, ("backbone",))
+    except ValueError as e:
+        raise ValueError(
+            f"config.init.checkpoint={config.init.checkpoint}: {e}\nis config.model (arch, "
+            "width) the one of the pre-training run?"
+        ) from e
+    if not copied:
+        raise ValueError(
+            f"config.init.checkpoint={config.init.checkpoint}: no backbone array matched the "
+            "model; is config.model (arch, width) the one of the pre-training run?"
+        )
+    return merged, f"{len(copied)} backbone arrays of {config.init.checkpoint}"
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates frozen features; writes WORKDIR/results.json; returns the test metrics."""
+    # --- Set-up: everything is validated before anything is written. ---
+    check_config(config)
+    workdir = harness.check_workdir(workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    info = pipeline.get_info(config.data)
+    if info.label_type != "multiclass":
+        raise ValueError(
+            f"feature evaluation needs multiclass labels; {config.data.source} has "
+            f"label_type {info.label_type!r}"
+        )
+    task = base.TaskInfo(
+        label_type="multiclass",
+        class_names=list(info.class_names),
+        image_size=int(config.data.image_size),
+        dataset=getattr(info, "name", "") or str(config.data.source),
+    )
+    model = models.build_model(config.model)
+    ctx = Context(config=config, task=task, predictor=base.Predictor(model, mesh))
+    splits = {
+        name: EvalData(name, {"data": {"split": split}}, ctx)
+        for name, split in config.splits.items()
+    }
+
+    # --- Features of every split, once. ---
+    variables, where = load_backbone(model, config, task.image_size)
+    shardings = sharding.tree_shardings(variables, mesh, config.mesh.shard_min_size)
+    variables = jax.device_put(variables, shardings)
+    logging.info("Frozen features from %s", where)
+    feats = {name: data.predict(variables, ("features",)) for name, data in splits.items()}
+    for name, f in feats.items():
+        if np.any(f["label"] < 0):
+            keep = f["label"] >= 0
+            feats[name] = {k: v[keep] for k, v in f.items()}
+    train, val, test = feats["train"], feats["validation"], feats["test"]
+    num_classes = task.num_classes
+    # Every fraction's training cases, before anything is written: a fraction
+    # that leaves a class without a case is a config error, not a failed run.
+    kept_cases = {}
+    for fraction in config.label_fractions:
+        try:
+            kept_cases[fraction] = set(
+                fractions.select_cases(
+                    train["case_id"],
+                    train["label"],
+                    float(fraction),
+                    config.seed,
+                    stratify=True,
+                    class_names=task.class_names,
+                )
+            )
+        except ValueError as e:
+            raise ValueError(f"config.label_fractions has {fraction!r}: {e}") from e
+    harness.write_status(workdir, "running", step=0)
+
+    # --- Every label fraction x protocol: choose on validation, report both splits. ---
+    rows, summary = [], {}
+    for fraction in config.label_fractions:
+        kept = kept_cases[fraction]
+        sub = np.array([c in kept for c in train["case_id"]])
+        x, y = train["features"][sub], train["label"][sub]
+        for protocol in config.protocols:
+            if protocol == "linear":
+                grid, key = list(config.linear.l2_grid), "l2"
+
+                def score(value, feats_eval, x=x, y=y):
+                    return fit_linear_probe(
+                        x,
+                        y,
+                        feats_eval,
+                        num_classes,
+                        l2=value,
+                        steps=config.linear.steps,
+                        balanced=config.linear.balanced,
+                    )
+            else:
+                grid, key = list(config.knn.k_grid), "k"
+
+                def score(value, feats_eval, x=x, y=y):
+                    # Log vote shares, not the raw votes (up to exp(1/0.07) each): the
+                    # metrics' softmax of raw votes is one-hot, and its AUC that of
+                    # the hard predictions.
+                    return vote_log_shares(
+                        knn_scores(
+                            x, y, feats_eval, num_classes, int(value), config.knn.temperature
+                        )
+                    )
+
+            both = np.concatenate([val["features"], test["features"]])
+            scored = {v: score(v, both) for v in grid}
+            choice = {
+                v: select_value(config.select_metric, s[: len(val["label"])], val["label"])
+                for v, s in scored.items()
+            }
+            best = max(grid, key=lambda v: (choice[v], -grid.index(v)))
+            logging.info(
+                "%s, %g of the labels (%d cases, %d images): validation %s by %s: %s -> %s=%g",
+                protocol,
+                fraction,
+                len(kept),
+                int(sub.sum()),
+                config.select_metric,
+                key,
+                ", ".join(f"{v:g}: {choice[v]:.4f}" for v in grid),
+                key,
+                best,
+            )
+            for split_name, part, scores in (
+                ("validation", val, scored[best][: len(val["label"])]),
+                ("test", test, scored[best][len(val["label"]) :]),
+            ):
+                name = f"{protocol}_{split_name}"
+                output = classification_metrics(
+                    scores,
+                    part["label"],
+                    part["case_id"],
+                    task.class_names,
+                    topk=(),
+                    bootstrap_samples=config.bootstrap_samples,
+                    seed=eval_seed(config, f"{name}/{fraction}"),
+                )
+                for m in output.metrics:
+                    rows.append(
+                        {
+                            "eval": name,
+                            "metric": m.name,
+                            "value": float(m.value),
+                            "ci_low": float(m.ci_low),
+                            "ci_high": float(m.ci_high),
+                            "split": splits[split_name].split,
+                            "dataset": task.dataset,
+                            "step": 0,
+                            "checkpoint": "frozen",
+                            "protocol": protocol,
+                            "label_fraction": float(fraction),
+                            key: float(best),
+                        }
+                    )
+                    if split_name == "test":
+                        summary[f"{protocol}/{fraction:g}/{m.name}"] = float(m.value)
+
+    # --- Results. ---
+    os.makedirs(workdir, exist_ok=True)
+    path = base.write_results(workdir, config, rows)
+    harness.write_status(workdir, "finished", step=0, results=path)
+    logging.info("Feature evaluation done; results in %s", path)
+    return summary
