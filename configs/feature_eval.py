@@ -19,7 +19,7 @@ multiclass labels), arch, init (a pre-training workdir or checkpoint; '' =
 random init), select (balanced_accuracy | accuracy | auc_mean: the
 validation metric that picks each hyper-parameter), runlocal.
 Chosen here (not published for this setting): label fractions 1%, 10%, 100%;
-L2 grid 1e-6..1e-1 (decades); k in 5, 10, 20, 50; 300 full-batch Adam steps
+L2 grid 1e-5..1 (decades); k in 5, 10, 20, 50; 300 full-batch Adam steps
 on standardised features (evaluators/linear_probe.py) with class-balanced
 weights (scikit-learn's class_weight='balanced': HAM10000 is 67% 'nv', and
 balanced accuracy is what chooses and what is reported).
@@ -56,7 +56,7 @@ def get_config(arg=None):
     config.protocols = ("linear", "knn")
     config.select_metric = arg.select
     config.linear = ml_collections.ConfigDict(
-        dict(l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), steps=300, balanced=True)
+        dict(l2_grid=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), steps=300, balanced=True)
     )
     config.knn = ml_collections.ConfigDict(dict(k_grid=(5, 10, 20, 50), temperature=0.07))
     config.eval_batch_size = 512
