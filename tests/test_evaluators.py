@@ -215,3 +215,122 @@ def test_linear_probe_learns_separable_classes():
     logits = fit_linear_probe(x_train, multi, x_test, 3, np.ones_like(multi), steps=300)
     aucs = metrics.multilabel_auc(logits, np.eye(3)[y_test])
     assert np.all(aucs > 0.95)
+
+
+def _softmax(logits):
+    """Softmax in float64, computed here (not by the module under test)."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _ovr_auc_reference(labels, probs, present):
+    """scikit-learn's one-vs-rest macro AUC, restricted to the classes in `present`."""
+    if len(present) < 2:
+        return float("nan")  # one class only: no AUC is defined
+    if probs.shape[1] == 2:
+        return skm.roc_auc_score(labels, probs[:, 1])
+    if len(present) == probs.shape[1]:
+        return skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    # sklearn refuses a class without positives; its ovr macro is the mean of
+    # the binary AUCs, so take that mean over the classes it can score.
+    return np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present])
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+@pytest.mark.parametrize("case", ["all", "left_out", "absent_class"])
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_balanced_accuracy_and_auc_mean_match_sklearn(num_classes, case):
+    rng = np.random.default_rng(10 * num_classes + len(case))
+    n = 240
+    # Imbalanced labels (class 0 is 4x the others), so balanced accuracy differs from accuracy.
+    p = np.array([4.0] + [1.0] * (num_classes - 1))
+    labels = rng.choice(num_classes, n, p=p / p.sum())
+    logits = rng.normal(size=(n, num_classes)) + 1.2 * np.eye(num_classes)[labels]
+    logits[:, 0] += 0.8  # a bias towards the majority class
+    weights = np.ones(n)
+    if case == "left_out":
+        weights[rng.permutation(n)[:60]] = 0
+    if case == "absent_class":
+        # The last class never occurs as a label (but is still predicted sometimes).
+        labels = np.where(labels == num_classes - 1, 0, labels)
+        logits[: n // 3, num_classes - 1] += 3.0
+    keep = weights > 0
+    y, scores = labels[keep], logits[keep]
+    present = np.unique(y)
+    probs = _softmax(scores)
+    assert (case == "absent_class") == (len(present) < num_classes)
+    assert len(np.unique(scores.argmax(1))) == num_classes  # every class is predicted
+
+    want_balanced = skm.balanced_accuracy_score(y, scores.argmax(1))
+    want_auc = _ovr_auc_reference(y, probs, present)
+    if len(present) > 1:
+        assert want_balanced != pytest.approx(skm.accuracy_score(y, scores.argmax(1)), abs=1e-3)
+
+    names = [f"c{i}" for i in range(num_classes)]
+    out = classification_metrics(
+        logits, labels, np.arange(n), names, weights, topk=(), bootstrap_samples=0
+    )
+    assert out.get("balanced_accuracy") == pytest.approx(want_balanced, rel=1e-9)
+    if np.isnan(want_auc):  # two classes, one absent: no AUC row rather than NaN
+        assert "auc_mean" not in {m.name for m in out.metrics}
+        assert np.isnan(metrics.macro_auc(logits, labels, weights))
+        return
+    assert out.get("auc_mean") == pytest.approx(want_auc, rel=1e-6)
+
+    assert metrics.balanced_accuracy(
+        labels, logits.argmax(1), num_classes, weights
+    ) == pytest.approx(want_balanced, rel=1e-9)
+    assert metrics.macro_auc(logits, labels, weights) == pytest.approx(want_auc, rel=1e-6)
+    if case == "all":
+        # No weights at all is the same as unit weights.
+        assert metrics.balanced_accuracy(labels, logits.argmax(1), num_classes) == pytest.approx(
+            want_balanced, rel=1e-9
+        )
+        assert metrics.macro_auc(logits, labels) == pytest.approx(want_auc, rel=1e-6)
+
+
+def test_balanced_accuracy_and_auc_mean_bootstrap_resample_cases():
+    # The intervals come from the same computation on case-resampled weights:
+    # one resample's value equals sklearn on the images it draws (with repeats).
+    rng = np.random.default_rng(11)
+    n, c = 120, 3
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(size=(n, c)) + np.eye(c)[labels]
+    cases = np.arange(n) // 2
+    index, num_cases = bootstrap.case_index(cases)
+    w = bootstrap.bootstrap_weights(index, num_cases, 1, seed=3)[0]
+    rep = np.repeat(np.arange(n), w.astype(int))
+    balanced = skm.balanced_accuracy_score(labels[rep], logits[rep].argmax(1))
+    auc = skm.roc_auc_score(labels[rep], _softmax(logits[rep]), multi_class="ovr")
+    assert metrics.balanced_accuracy(labels, logits.argmax(1), c, w) == pytest.approx(balanced)
+    assert metrics.macro_auc(logits, labels, w) == pytest.approx(auc, rel=1e-6)
+    out = classification_metrics(logits, labels, cases, ["a", "b", "c"], topk=(), seed=0)
+    for name in ("balanced_accuracy", "auc_mean"):
+        m = next(m for m in out.metrics if m.name == name)
+        assert m.ci_low < m.value < m.ci_high, m
+
+
+def test_knn_auc_mean_is_that_of_the_vote_shares():
+    """The k-NN's class probabilities are its vote shares; raw votes would be one-hot."""
+    from micle_jax.evaluators.knn import vote_log_shares
+
+    rng = np.random.default_rng(12)
+    centers = rng.normal(size=(3, 16))
+    y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 100)
+    x_train = centers[y_train] + 1.5 * rng.normal(size=(200, 16))
+    x_test = centers[y_test] + 1.5 * rng.normal(size=(100, 16))
+    votes = knn_scores(x_train, y_train, x_test, 3, k=20, temperature=0.07)
+    shares = votes / votes.sum(axis=1, keepdims=True)
+    logits = vote_log_shares(votes)
+    np.testing.assert_allclose(_softmax(logits), shares, rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(logits.argmax(1), votes.argmax(1))
+    out = classification_metrics(
+        logits, y_test, np.arange(100), ["a", "b", "c"], topk=(), bootstrap_samples=0
+    )
+    want = skm.roc_auc_score(y_test, shares, multi_class="ovr")
+    assert out.get("auc_mean") == pytest.approx(want, rel=1e-6)
+    assert out.get("accuracy") == skm.accuracy_score(y_test, votes.argmax(1))
+    # The raw votes' AUC is the hard predictions' (what the shares fix).
+    hard = skm.roc_auc_score(y_test, np.eye(3)[votes.argmax(1)], multi_class="ovr")
+    assert metrics.macro_auc(votes, y_test) == pytest.approx(hard, abs=1e-3)
+    assert want > hard + 0.02

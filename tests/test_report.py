@@ -21,10 +21,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 T1, T2 = 12.706204736174694, 4.302652729749462
 
 
-def _run(root, name, stage, params, results=None, status="finished", raw=None):
+def _run(root, name, stage, params, results=None, status="finished", raw=None, tune=None):
     workdir = root / name
     workdir.mkdir(parents=True)
     run_file = {"name": name, "stage": stage, "params": params, "command": ["x"]}
+    if tune is not None:
+        run_file["tune"] = tune
     (workdir / "sweep_run.json").write_text(json.dumps(run_file))
     (workdir / "run_status.json").write_text(json.dumps({"status": status}))
     if raw is not None:
@@ -213,3 +215,252 @@ def test_report_of_a_local_sweep_with_the_fake_trainer(tmp_path):
         # The fake trainer scores 0.5 + 0.3 * fraction + 0.01 * seed; seeds 0 and 1.
         assert r["mean"] == pytest.approx(0.5 + 0.3 * r["label_fraction"] + 0.005)
         assert r["ci_high"] - r["mean"] == pytest.approx(T1 * 0.005)
+
+
+# ---------------------------------------------------------------- tuned stages, entry tags
+
+TUNE = {"params": ["lr"], "select": "validation/balanced_accuracy"}
+
+
+def _metric(metric, value, split, checkpoint, dataset="derm", **tags):
+    eval_name = "validation" if split == "validation" else "test"
+    return dict(
+        eval=eval_name,
+        metric=metric,
+        value=value,
+        ci_low=value - 0.05,
+        ci_high=value + 0.05,
+        split=split,
+        dataset=dataset,
+        step=100,
+        checkpoint=checkpoint,
+        **tags,
+    )
+
+
+def _tuned_runs(root, method, fraction, by_lr, checkpoints=("best", "final")):
+    """One tuned arm: by_lr = {lr: [(validation best, validation final, test), per seed]}.
+
+    With checkpoints=('final',) the runs have no 'best' checkpoint.
+    """
+    for lr, seeds in by_lr.items():
+        for seed, (val_best, val_final, test) in enumerate(seeds):
+            results = [_metric("balanced_accuracy", val_final, "validation", "final")]
+            if "best" in checkpoints:
+                results.append(_metric("balanced_accuracy", val_best, "validation", "best"))
+            for checkpoint in checkpoints:
+                results += [
+                    _metric("balanced_accuracy", test, "test", checkpoint),
+                    _metric("accuracy", test + 0.1, "test", checkpoint),
+                    _metric("auc_mean", test + 0.2, "test", checkpoint),
+                ]
+            _run(
+                root,
+                f"ft_{method}_f{fraction}_lr{lr}_s{seed}",
+                "finetune",
+                {"method": method, "label_fraction": fraction, "lr": lr, "seed": seed},
+                results,
+                tune=TUNE,
+            )
+
+
+@pytest.fixture
+def tuned_root(tmp_path):
+    root = tmp_path / "tuned"
+    # simclr at 10%: validation ('best') favours lr=0.1 (0.71 vs 0.67) while the test
+    # split favours lr=0.4 (0.91 vs 0.62) and so does validation's 'final' checkpoint.
+    _tuned_runs(
+        root,
+        "simclr",
+        0.1,
+        {
+            0.1: [(0.70, 0.50, 0.60), (0.72, 0.52, 0.64)],
+            0.4: [(0.66, 0.80, 0.90), (0.68, 0.82, 0.92)],
+        },
+    )
+    # micle at 10%: validation favours lr=0.4, test lr=0.1: each arm chooses on its own.
+    _tuned_runs(
+        root,
+        "micle",
+        0.1,
+        {0.1: [(0.60, 0.6, 0.95), (0.62, 0.6, 0.97)], 0.4: [(0.75, 0.7, 0.55), (0.77, 0.7, 0.57)]},
+    )
+    # simclr at 100%, no 'best' checkpoint: 'final' chooses (lr=0.4).
+    _tuned_runs(
+        root,
+        "simclr",
+        1.0,
+        {0.1: [(0, 0.60, 0.80), (0, 0.62, 0.82)], 0.4: [(0, 0.70, 0.40), (0, 0.72, 0.42)]},
+        checkpoints=("final",),
+    )
+    return root
+
+
+def test_tuned_value_is_chosen_on_validation_and_only_its_test_rows_are_reported(tuned_root):
+    result = report.write_report(str(tuned_root))
+    summary = result["summary"]
+    assert "lr" not in result["params"] and "tuned" in result["params"]
+
+    def test_rows(method, fraction):
+        return [
+            r
+            for r in summary
+            if (r["method"], r["label_fraction"], r["split"]) == (method, fraction, "test")
+        ]
+
+    # simclr 10%: lr=0.1 (validation 'best' mean 0.71 > 0.67), although its test
+    # numbers (0.60, 0.64) are worse than lr=0.4's (0.90, 0.92).
+    rows = test_rows("simclr", 0.1)
+    assert {r["tuned"] for r in rows} == {"lr=0.1"}
+    r = _find(rows, metric="balanced_accuracy", checkpoint="best")
+    assert (r["n"], r["seeds"], r["values"]) == (2, "0 1", "0.6 0.64")
+    assert r["mean"] == pytest.approx(0.62)
+    assert (r["ci_low"], r["ci_high"]) == (
+        pytest.approx(0.62 - T1 * 0.02),
+        pytest.approx(0.62 + T1 * 0.02),
+    )
+    # Nothing of lr=0.4 is left in the arm, on any split, metric or checkpoint:
+    # every row holds exactly lr=0.1's two seeds.
+    arm = {
+        (r["split"], r["checkpoint"], r["metric"]): r["values"]
+        for r in summary
+        if (r["method"], r["label_fraction"]) == ("simclr", 0.1)
+    }
+    test_values = {"balanced_accuracy": "0.6 0.64", "accuracy": "0.7 0.74", "auc_mean": "0.8 0.84"}
+    assert arm == {
+        ("validation", "best", "balanced_accuracy"): "0.7 0.72",
+        ("validation", "final", "balanced_accuracy"): "0.5 0.52",
+        **{("test", c, m): v for c in ("best", "final") for m, v in test_values.items()},
+    }
+
+    # micle 10%: its own choice, lr=0.4 (0.76 > 0.61), whatever the test split says.
+    rows = test_rows("micle", 0.1)
+    assert {r["tuned"] for r in rows} == {"lr=0.4"}
+    assert _find(rows, metric="balanced_accuracy", checkpoint="best")["mean"] == pytest.approx(0.56)
+
+    # simclr 100%: no 'best' checkpoint, the 'final' validation value chooses lr=0.4.
+    rows = test_rows("simclr", 1.0)
+    assert {r["tuned"] for r in rows} == {"lr=0.4"}
+    assert _find(rows, metric="balanced_accuracy")["mean"] == pytest.approx(0.41)
+
+    # Secondary: the choice is listed in results.md.
+    md = (tuned_root / "report" / "results.md").read_text()
+    chosen = md.split("Hyper-parameters chosen on validation:")[1]
+    line = next(x for x in chosen.splitlines() if "label_fraction=0.1, method=simclr" in x)
+    assert "lr=0.1 by mean validation/balanced_accuracy" in line
+
+
+def test_a_tuned_arm_is_chosen_per_dataset_parameter(tmp_path):
+    """A stage that sweeps a 'dataset' parameter: each dataset chooses its own lr.
+
+    The entry's 'dataset' field takes the place of the parameter in the rows, so
+    the arm must come from the run's parameters, not from the rows' columns.
+    """
+    root = tmp_path / "two_datasets"
+    # derm: validation favours lr=0.1 by a little; cxr favours lr=0.4 by a lot, so
+    # pooling the datasets would choose lr=0.4 for both.
+    for dataset, by_lr in (
+        ("derm", {0.1: 0.60, 0.4: 0.58}),
+        ("cxr", {0.1: 0.50, 0.4: 0.90}),
+    ):
+        for lr, val in by_lr.items():
+            results = [
+                _metric("balanced_accuracy", val, "validation", "final", dataset=dataset),
+                _metric("balanced_accuracy", val - 0.1, "test", "final", dataset=dataset),
+            ]
+            _run(
+                root,
+                f"ft_{dataset}_lr{lr}_s0",
+                "finetune",
+                {"dataset": dataset, "method": "simclr", "lr": lr, "seed": 0},
+                results,
+                tune=TUNE,
+            )
+    summary = report.write_report(str(root))["summary"]
+    chosen = {r["dataset"]: r["tuned"] for r in summary if r["split"] == "test"}
+    assert chosen == {"derm": "lr=0.1", "cxr": "lr=0.4"}
+    test = {r["dataset"]: r["mean"] for r in summary if r["split"] == "test"}
+    assert test == {"derm": pytest.approx(0.5), "cxr": pytest.approx(0.8)}
+
+
+@pytest.fixture
+def feature_root(tmp_path):
+    """A frozen-feature run per seed, each with two protocols x two label fractions."""
+    root = tmp_path / "features"
+    for seed in range(2):
+        results = []
+        for protocol in ("linear", "knn"):
+            for fraction in (0.1, 1.0):
+                for split in ("validation", "test"):
+                    value = (0.5 if protocol == "linear" else 0.3) + 0.2 * fraction + 0.01 * seed
+                    tags = dict(protocol=protocol, label_fraction=fraction)
+                    tags["l2" if protocol == "linear" else "k"] = 5.0
+                    results += [
+                        _metric("balanced_accuracy", value, split, "frozen", **tags),
+                        _metric("accuracy", value + 0.05, split, "frozen", **tags),
+                        _metric("auc_mean", value + 0.1, split, "frozen", **tags),
+                    ]
+        _run(
+            root,
+            f"features_simclr_s{seed}",
+            "features",
+            {"dataset": "derm", "method": "simclr", "seed": seed},
+            results,
+        )
+    return root
+
+
+def test_entry_tags_give_separate_summary_rows_and_csv_columns(feature_root):
+    result = report.write_report(str(feature_root))
+    summary = result["summary"]
+    # 2 protocols x 2 fractions x 2 splits x 3 metrics, each averaged over the 2 seeds.
+    assert len(summary) == 24
+    for protocol, base in (("linear", 0.5), ("knn", 0.3)):
+        for fraction in (0.1, 1.0):
+            r = _find(
+                summary,
+                protocol=protocol,
+                label_fraction=fraction,
+                split="test",
+                metric="balanced_accuracy",
+            )
+            assert (r["n"], r["checkpoint"]) == (2, "frozen")
+            assert r["mean"] == pytest.approx(base + 0.2 * fraction + 0.005)
+    with open(feature_root / "report" / "results.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    columns = set(reader.fieldnames)
+    assert {
+        "method",
+        "protocol",
+        "dataset",
+        "label_fraction",
+        "split",
+        "checkpoint",
+        "metric",
+        "n",
+        "mean",
+        "ci_low",
+        "ci_high",
+    } <= columns
+    assert len(rows) == 24
+    knn = [r for r in rows if r["protocol"] == "knn" and r["label_fraction"] == "0.1"]
+    assert len(knn) == 6 and {r["split"] for r in knn} == {"validation", "test"}
+
+
+def test_show_accepts_alternatives(feature_root):
+    summary = report.write_report(str(feature_root))["summary"]
+    shown = report.select_rows(summary, "split=test,metric=accuracy|balanced_accuracy")
+    assert len(shown) == 8  # 2 protocols x 2 fractions x 2 metrics
+    assert {r["metric"] for r in shown} == {"accuracy", "balanced_accuracy"}
+    assert {r["split"] for r in shown} == {"test"}
+    # Every summary row that matches is shown, nothing else.
+    expected = [
+        r
+        for r in summary
+        if r["split"] == "test" and r["metric"] in ("accuracy", "balanced_accuracy")
+    ]
+    assert shown == expected
+    # Floats match as written on the command line: '1' for 1.0, alternatives too.
+    ones = report.select_rows(summary, "label_fraction=1,protocol=knn|linear,split=test")
+    assert len(ones) == 6 and {r["label_fraction"] for r in ones} == {1.0}

@@ -161,6 +161,65 @@ def test_dependency_order_is_topological_and_otherwise_stable():
             assert position[r.depends_on] < position[r.name]
 
 
+# ---------------------------------------------------------------- tuned stages
+
+
+def _tuned_stage(**kw):
+    base = dict(
+        run_name="ft_{method}_lr{lr}_s{seed}",
+        runs=product(method=["supervised", "simclr"], lr=[0.1, 0.4], seed=[0, 1]),
+        overrides={"seed": "seed", "lr": "optim.base_lr"},
+    )
+    return _stage(**{**base, **kw})
+
+
+def test_a_tuned_stage_needs_a_selection_metric():
+    with pytest.raises(ValueError, match=r"stage 'ft': tuned=\('lr',\) needs select="):
+        _tuned_stage(tuned=("lr",))
+    with pytest.raises(ValueError, match="needs select='EVAL/METRIC'"):
+        _tuned_stage(tuned=("lr",), select="balanced_accuracy")  # no eval name
+
+
+def test_a_tuned_parameter_missing_from_the_runs_is_an_error():
+    stage = _stage(tuned=("lr",), select="validation/accuracy")  # runs: method x seed only
+    with pytest.raises(ValueError, match=r"stage 'ft': tuned parameters \['lr'\] are not in"):
+        sweep_spec.expand([stage], "/r")
+
+
+def test_expand_carries_tuned_and_select_to_every_run_of_the_stage():
+    pre = Stage(name="pre", run_name="pre", config="c.py", runs=[{}])
+    tuned = _tuned_stage(tuned=("lr",), select="validation/balanced_accuracy")
+    runs = sweep_spec.expand([pre, tuned], "/r")
+    assert (runs[0].tuned, runs[0].select) == ((), "")
+    assert len(runs) == 9
+    for run in runs[1:]:
+        assert (run.tuned, run.select) == (("lr",), "validation/balanced_accuracy")
+
+
+def test_the_local_executor_writes_the_tuning_into_sweep_run_json(tmp_path):
+    import io
+    import json
+    import sys
+
+    from launch import sweep
+
+    pre = Stage(name="pre", run_name="pre", config="c.py", runs=[{}])
+    tuned = _tuned_stage(
+        runs=product(method=["simclr"], lr=[0.1, 0.4], seed=[0]),
+        tuned=("lr",),
+        select="validation/balanced_accuracy",
+    )
+    runs = sweep_spec.expand([pre, tuned], str(tmp_path))
+    fake = [sys.executable, str(REPO / "tests" / "fixtures" / "fake_trainer.py")]
+    out = io.StringIO()
+    assert sweep.run_local(runs, fake, poll_s=0.02, out=out) == 0, out.getvalue()
+    info = {r.name: json.loads((tmp_path / r.name / "sweep_run.json").read_text()) for r in runs}
+    assert "tune" not in info["pre"]
+    for name in ("ft_simclr_lr0.1_s0", "ft_simclr_lr0.4_s0"):
+        assert info[name]["tune"] == {"params": ["lr"], "select": "validation/balanced_accuracy"}
+        assert info[name]["params"]["lr"] in (0.1, 0.4)
+
+
 # ---------------------------------------------------------------- sweep files
 
 
@@ -224,6 +283,8 @@ def test_distribution_shift_sweep_evaluates_the_shifted_set_with_all_labels():
         "label_efficiency.py:task=chexpert,arch=r50x4,runlocal",
         "distribution_shift.py:task=chexpert,arch=r152x2",
         "distribution_shift.py:task=derm,runlocal",
+        "small_scale_study.py",
+        "demo.py",
     ],
 )
 def test_sweep_commands_fit_the_real_configs(spec):
@@ -245,3 +306,94 @@ def test_sweep_commands_fit_the_real_configs(spec):
             for part in key.split("."):
                 assert part in node, f"{run.name}: {path} has no field {key}"
                 node = node[part]
+
+
+def _floats(text):
+    return [float(v) for v in text.split("+") if v]
+
+
+def _demo_case():
+    from configs.sweeps import demo
+
+    d = demo.DEMO
+    return (
+        "demo.py",
+        d["datasets"].split("+"),
+        d["seeds"],
+        _floats(d["fractions"]),
+        _floats(d["finetune_fractions"]),
+        _floats(d["lrs"]),
+    )
+
+
+@pytest.mark.parametrize(
+    "spec,datasets,seeds,fractions,finetune_fractions,lrs",
+    [
+        (
+            "small_scale_study.py:seeds=3,fractions=0.01+0.1+1.0,"
+            "finetune_fractions=0.01+0.1+1.0,lrs=0.1+0.4",
+            ["ham10000", "kermany"],
+            3,
+            [0.01, 0.1, 1.0],
+            [0.01, 0.1, 1.0],
+            [0.1, 0.4],
+        ),
+        ("small_scale_study.py", ["ham10000", "kermany"], 3, None, None, None),
+        _demo_case(),
+    ],
+)
+def test_small_scale_study_grid_and_dependencies(
+    spec, datasets, seeds, fractions, finetune_fractions, lrs
+):
+    runs = sweep_spec.expand(sweep_spec.load_sweep(f"{SWEEPS}/{spec}"), "/r")
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.stage, []).append(run)
+    finetune = [r for r in runs if r.stage.startswith("finetune")]
+    if fractions is None:  # the defaults: whatever they are, the grid is complete
+        fractions = sorted({f for r in by_stage["features"] for f in _label_fractions(r)})
+        finetune_fractions = sorted({r.params["label_fraction"] for r in finetune})
+        lrs = sorted({r.params["lr"] for r in finetune})
+    d, s = len(datasets), seeds
+    assert len(by_stage["pretrain"]) == d * 2 * s  # simclr, micle
+    assert len(by_stage["features"]) == d * 3 * s  # random, simclr, micle
+    assert len(finetune) == d * 3 * len(finetune_fractions) * len(lrs) * s
+    assert len(runs) == d * 2 * s + d * 3 * s + len(finetune)
+    if "lrs=0.1+0.4" in spec:
+        assert len(runs) == 12 + 18 + 108 == 138
+    assert {r.params["dataset"] for r in runs} == set(datasets)
+    assert {r.params["seed"] for r in runs} == set(range(seeds))
+    assert sorted({r.params["label_fraction"] for r in finetune}) == sorted(finetune_fractions)
+    assert sorted({r.params["lr"] for r in finetune}) == sorted(lrs)
+
+    by_name = {r.name: r for r in runs}
+    for run in by_stage["features"] + finetune:
+        p = run.params
+        if p["method"] in ("random", "scratch"):
+            assert run.depends_on is None, run.name
+            assert not any("init.checkpoint" in a for a in run.args), run.name
+            continue
+        parent = by_name[run.depends_on]
+        assert parent.stage == "pretrain", run.name
+        assert {k: parent.params[k] for k in ("dataset", "method", "seed")} == {
+            k: p[k] for k in ("dataset", "method", "seed")
+        }, run.name
+        assert f"--config.init.checkpoint={parent.workdir}" in run.args
+    for run in by_stage["features"]:
+        assert run.args[0].startswith("--config=configs/feature_eval.py:")
+        assert _label_fractions(run) == tuple(fractions)
+        assert run.tuned == ()
+    for run in finetune:
+        # The learning rate is a hyper-parameter chosen on validation, per dataset's metric.
+        metric = "balanced_accuracy" if run.params["dataset"] == "ham10000" else "auc_mean"
+        assert (run.tuned, run.select) == (("lr",), f"validation/{metric}")
+        assert f"--config.select_best=validation/{metric}" in run.args
+    sweep_spec.dependency_order(runs)  # no cycle
+
+
+def _label_fractions(run):
+    """The feature run's --config.label_fractions=(...) as a tuple of floats."""
+    import ast
+
+    [arg] = [a for a in run.args if a.startswith("--config.label_fractions=")]
+    return tuple(ast.literal_eval(arg.partition("=")[2]))

@@ -68,6 +68,20 @@ def knn_scores(
     return votes
 
 
+def vote_log_shares(votes: np.ndarray) -> np.ndarray:
+    """Log of each class's share of the votes: [n, C] totals -> [n, C] float32.
+
+    What the metrics should see of a k-NN as logits: their softmax gives back
+    the vote shares (the k-NN's class probabilities) and their argmax is the
+    votes'. Raw votes (each up to exp(1 / temperature), 1.6e6 at T=0.07) would
+    make the softmax one-hot and an AUC that of the hard predictions. Classes
+    without a vote get log(1e-30).
+    """
+    votes = np.asarray(votes, np.float64)
+    shares = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)
+    return np.log(np.maximum(shares, 1e-30)).astype(np.float32)
+
+
 class KnnEvaluator(EvaluatorFields):
     """config.evals.NAME = dict(type='knn', data=..., train_data=..., [k, temperature])."""
 
@@ -95,7 +109,7 @@ class KnnEvaluator(EvaluatorFields):
         )
         keep = (test["label"] >= 0).astype(np.float64)
         return classification_metrics(
-            votes,
+            vote_log_shares(votes),
             np.maximum(test["label"], 0),
             test["case_id"],
             names,
