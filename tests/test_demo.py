@@ -43,7 +43,7 @@ def test_short_demo_end_to_end(tmp_path):
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     assert "8/8" in sweep.stdout
     # MICLe on HAM10000 builds at least 20% of its pairs from two images of one
-    # lesion (1,286 of the 5,139 training lesions have several); SimCLR none.
+    # lesion (1,326 of the 5,139 training lesions have several); SimCLR none.
     micle = _logged(
         (root / "pretrain_ham10000_micle_s0" / "log.txt").read_text(), "multi_instance_fraction"
     )

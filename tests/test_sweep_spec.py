@@ -331,7 +331,7 @@ def _demo_case():
     [
         (
             "small_scale_study.py:seeds=3,fractions=0.01+0.1+1.0,"
-            "finetune_fractions=0.01+0.1+1.0,lrs=0.1+0.4",
+            "finetune_fractions=0.01+0.1+1.0,lrs=0.1+0.4,finetune_datasets=ham10000+kermany",
             ["ham10000", "kermany"],
             3,
             [0.01, 0.1, 1.0],
@@ -357,7 +357,10 @@ def test_small_scale_study_grid_and_dependencies(
     d, s = len(datasets), seeds
     assert len(by_stage["pretrain"]) == d * 2 * s  # simclr, micle
     assert len(by_stage["features"]) == d * 3 * s  # random, simclr, micle
-    assert len(finetune) == d * 3 * len(finetune_fractions) * len(lrs) * s
+    finetune_datasets = {r.params["dataset"] for r in finetune}
+    # By default only HAM10000 (the paper's dermatology setting) is fine-tuned.
+    assert finetune_datasets == (set(datasets) if "finetune_datasets" in spec else {"ham10000"})
+    assert len(finetune) == len(finetune_datasets) * 3 * len(finetune_fractions) * len(lrs) * s
     assert len(runs) == d * 2 * s + d * 3 * s + len(finetune)
     if "lrs=0.1+0.4" in spec:
         assert len(runs) == 12 + 18 + 108 == 138

@@ -8,7 +8,7 @@ The paper's stage 2 and 3 at toy scale on real multi-instance data (stage 1,
 ImageNet, is out of reach offline: every backbone starts from scratch):
 
   pretrain  SimCLR and MICLe on the TRAINING split of each dataset, labels
-            unused (HAM10000: 5,139 lesions, 1,286 with 2-6 images; Kermany:
+            unused (HAM10000: 5,139 lesions, 1,326 with 2-6 images; Kermany:
             2,053 patients, 789 with several X-rays), one run per seed. Both
             methods get the same steps and views (epochs count images in both
             modes, README). SimCLR's small-scale recipe (its CIFAR-10 command:
@@ -19,11 +19,12 @@ ImageNet, is out of reach offline: every backbone starts from scratch):
             chosen on validation) on the frozen backbone of each pre-training
             run and of a random-init backbone ('random', the control), at label
             fractions 1%, 10% and 100% of the training cases.
-  finetune  the whole network from scratch, from SimCLR and from MICLe, at the
-            same label fractions; the learning rate of each arm (method x label
-            fraction) chosen on the validation split from `lrs` by the report
-            (mean over seeds), the best checkpoint by validation as well; test
-            numbers take part in no choice.
+  finetune  the whole network from scratch, from SimCLR and from MICLe, on
+            HAM10000 at 10% of the labels (class-balanced loss); the learning
+            rate of each arm (method x label fraction) chosen on the validation
+            split from `lrs` by the report (mean over seeds), the best
+            checkpoint by validation as well; test numbers take part in no
+            choice.
 Seeds repeat everything that is random: pre-training, the random init, the
 label subset and the fine-tuning; the report's 95% intervals are over seeds.
 
@@ -37,7 +38,9 @@ Arguments: datasets (ham10000+kermany), seeds (3), pretrain_steps (200),
 finetune_steps (100), fractions (0.01+0.1+1.0: the frozen-feature protocols'),
 finetune_fractions (0.1: the fine-tuning stage's; '0.01+0.1+1.0' triples
 that stage), lrs (base learning rates of the fine-tuning grid, x batch/256:
-0.1+0.4), batch (128 pre-training pairs).
+0.1+0.4), finetune_datasets (ham10000: the paper's dermatology setting;
+'ham10000+kermany' adds 18 runs, about 15 minutes), batch (128 pre-training
+pairs).
 """
 
 from launch.sweep_spec import Stage, product, select
@@ -73,6 +76,7 @@ def get_sweep(arg=None) -> list[Stage]:
         finetune_steps=100,
         fractions="0.01+0.1+1.0",
         finetune_fractions="0.1",
+        finetune_datasets="ham10000",
         lrs="0.1+0.4",
         batch=128,
     )
@@ -171,5 +175,6 @@ def get_sweep(arg=None) -> list[Stage]:
             select=f"validation/{DATASETS[dataset][2]}",
         )
         for dataset in datasets
+        if dataset in a.finetune_datasets.split("+")
     ]
     return [pretrain, features, *finetune]
