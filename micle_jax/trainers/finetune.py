@@ -145,13 +145,15 @@ def protocol_of(config: ml_collections.ConfigDict) -> str:
 
 
 def first_logged_loss_row(first_log: dict, task) -> dict:
-    """The results.json row of the training loss at the first logged step (no interval)."""
+    """The results.json row of the training loss at the first logged step.
+
+    One number of one run: it has no ci_low / ci_high (the report's interval
+    for it is over seeds).
+    """
     return {
         "eval": "train",
         "metric": "first_logged_loss",
         "value": float(first_log["loss"]),
-        "ci_low": float("nan"),
-        "ci_high": float("nan"),
         "split": "train",
         "dataset": task.dataset,
         "step": int(first_log["step"]),
@@ -305,12 +307,24 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("New best %s=%.4f at step %d", config.select_best, value, at_step)
 
     first_log: dict[str, float] = {}
+    if start_step > 0:
+        saved = manager.restore(
+            start_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+        if "first_logged_loss" in saved:
+            first_log.update(step=saved["first_logged_step"], loss=saved["first_logged_loss"])
+            meta.update(
+                first_logged_step=saved["first_logged_step"],
+                first_logged_loss=saved["first_logged_loss"],
+            )
 
     def remember_first_log(at_step: int, summary: dict) -> None:
         # The training loss at the first logged step: the number that shows
         # whether fine-tuning from a checkpoint starts worse than from scratch.
         if not first_log and start_step == 0:
             first_log.update(step=at_step, loss=summary["loss"])
+            # Kept in every later checkpoint's meta, so a resumed run still reports it.
+            meta.update(first_logged_step=at_step, first_logged_loss=summary["loss"])
 
     # --- Train loop (the last step's evals are the final evaluation below). ---
     state, step, last = loop.train(
