@@ -5,7 +5,7 @@ r"""Input pipeline throughput: augmented views per second delivered in 'micle' m
 Converts the Hannover chest X-rays (../shared/data/hannover-covid-cxr, 243 PNGs
 of 71 patients, 640 px wide) into case records in a temporary folder, at their
 original resolution and downscaled to the demo's 64 px, then times
-`pipeline.make_dataset(mode='micle')` with decode and every augmentation
+`pipeline.open_data(...).dataset('micle')` with decode and every augmentation
 included, for the 'cxr' and 'simclr' policies, streamed and with
 `cache_decoded=True`. A plain reference is timed in the same run on the same
 records: decode + bilinear resize, nothing else; each row's ratio to it says
@@ -29,7 +29,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from micle_jax.data import augment, image_table, pipeline, records  # noqa: E402
+from micle_jax.data import records, shards  # noqa: E402
+from micle_jax.data.augment import policies  # noqa: E402
+from micle_jax.data.sources import image_table  # noqa: E402
+from micle_jax.data.stream import pipeline, tf_host  # noqa: E402
 
 flags.DEFINE_string("hannover", "../shared/data/hannover-covid-cxr", "the Hannover folder")
 flags.DEFINE_integer("batches", 20, "timed batches per row (after 3 warm-up batches)")
@@ -59,13 +62,13 @@ def write_hannover(root: str, out: str, longer_side: int = 0) -> str:
             images.append(data)
         example = records.make_case_example(case_id, images, image_ids, ["png"] * len(images))
         examples.append(example.SerializeToString())
-    shards = records.write_split(out, "train", examples, num_shards=4)
+    written = shards.write_split(out, "train", examples, num_shards=4)
     sizes = [len(v) for _, v in sorted(cases.items())]
     info = records.DatasetInfo(
         name="hannover",
         label_type="none",
         class_names=[],
-        splits={"train": records.make_split_info(shards, sizes)},
+        splits={"train": shards.make_split_info(written, sizes)},
     )
     records.write_info(out, info)
     return f"records:{out}"
@@ -93,13 +96,8 @@ def micle_rate(source: str, size: int, policy: str, cache: bool):
             source=source, image_size=size, augment=policy, cache_decoded=cache, shuffle_buffer=1000
         )
     )
-    ds = pipeline.make_dataset(
-        config,
-        mode="micle",
-        global_batch_size=FLAGS.batch_size,
-        seed=0,
-        process_index=0,
-        process_count=1,
+    ds = pipeline.open_data(config, seed=0).dataset(
+        "micle", FLAGS.batch_size, process_index=0, process_count=1
     )
     return views_per_second(ds, 2 * FLAGS.batch_size, FLAGS.batches)
 
@@ -107,7 +105,7 @@ def micle_rate(source: str, size: int, policy: str, cache: bool):
 def reference_rate(source: str, size: int):
     """Plain decode + bilinear resize of every image, repeated, batched."""
     path = source.partition(":")[2]
-    files = records.shard_paths(path, "train")
+    files = shards.shard_paths(path, "train")
     info = records.load_info(path)
 
     def images(serialized):
@@ -126,7 +124,7 @@ def reference_rate(source: str, size: int):
 def stage_times(source: str, calls: int = 200) -> dict[str, float]:
     """CPU ms per call of single stages on one full-size image, one tf.data thread."""
     path = source.partition(":")[2]
-    serialized = next(iter(tf.data.TFRecordDataset(records.shard_paths(path, "train"))))
+    serialized = next(iter(tf.data.TFRecordDataset(shards.shard_paths(path, "train"))))
     encoded = records.parse_case(serialized, 0, "none")["images"][0]
     image = image_table.decode_image(encoded)
     print(f"stage image: {tuple(image.shape)} uint8")
@@ -136,11 +134,11 @@ def stage_times(source: str, calls: int = 200) -> dict[str, float]:
 
     stages = {
         "decode PNG": lambda i: image_table.decode_image(encoded),
-        "random crop + resize 224": lambda i: augment.get_policy(["random_resized_crop"], 224)(
+        "random crop + resize 224": lambda i: policies.get_policy(["random_resized_crop"], 224)(
             image, seed(i)
         ),
-        "cxr view": lambda i: augment.get_policy("cxr", 224)(image, seed(i)),
-        "simclr view": lambda i: augment.get_policy("simclr", 224)(image, seed(i)),
+        "cxr view": lambda i: policies.get_policy("cxr", 224)(image, seed(i)),
+        "simclr view": lambda i: policies.get_policy("simclr", 224)(image, seed(i)),
     }
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -160,7 +158,7 @@ def stage_times(source: str, calls: int = 200) -> dict[str, float]:
 
 def main(argv):
     del argv
-    tf.config.set_visible_devices([], "GPU")
+    tf_host.keep_tf_on_host()
     with tempfile.TemporaryDirectory() as tmp:
         full = write_hannover(FLAGS.hannover, os.path.join(tmp, "full"))
         demo = write_hannover(FLAGS.hannover, os.path.join(tmp, "demo"), longer_side=64)

@@ -18,12 +18,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from micle_jax import config_lib, models, optim, sharding
-from micle_jax.trainers import contrastive_step, harness
+from micle_jax import config_lib, models, optim, recipes, sharding
+from micle_jax.trainers import contrastive_step, train_state
 
 _ARCH = flags.DEFINE_string("arch", "r50x1", "Architecture name (config_lib.ARCHS).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "View size in pixels.")
@@ -57,11 +56,13 @@ def main(argv):
     del argv
     model_config = config_lib.model_config(_ARCH.value, dtype=_DTYPE.value)
     model = models.build_model(model_config)
-    optim_config = config_lib.pretrain_config(_ARCH.value).optim
+    optim_config = recipes.pretrain_config(_ARCH.value).optim
     schedule = optim.make_schedule(optim_config, 1000, 100, _BATCH.value)
     tx = optim.make_optimizer(optim_config, schedule)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, model=1)))
-    state, state_shardings, _ = harness.create_state(model, tx, mesh, _IMAGE_SIZE.value, 0, 2**22)
+    mesh = sharding.make_mesh(config_lib.mesh_config())
+    state, state_shardings, _ = train_state.create_state(
+        model, tx, mesh, _IMAGE_SIZE.value, 0, 2**22
+    )
     step = jax.jit(
         contrastive_step.make_train_step(model, tx, schedule, 0.1, probe=False),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),

@@ -62,7 +62,7 @@ def get_config(arg=None):
     config.eval_batch_size = 512
     config.batch_size = 512
     config.bootstrap_samples = 1000
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
+    config.mesh = config_lib.mesh_config()
     if arg.runlocal:
         config.data.image_size = 32
         config.data.cache_decoded = True

@@ -25,12 +25,12 @@ shifted_eval, shift_records (ChestX-ray14 records), runlocal.
 Published: the five findings, mean AUC, the NIH shift. Not published:
 the uncertain-label policy ('ignore' chosen: U-Ignore of Irvin et al. 2019)
 and the fine-tuning values (SimCLR v2's: LARS, lr 0.005 x sqrt(batch), batch
-1024, 60 epochs, no warm-up or weight decay; config_lib.finetune_config).
+1024, 60 epochs, no warm-up or weight decay; recipes.finetune_config).
 Chosen: 224 px, the 'cxr' augmentation without blur (as the paper's
 pre-training), validation mean AUC every 500 steps selects the best checkpoint.
 """
 
-from micle_jax import config_lib
+from micle_jax import config_lib, recipes
 
 RECORDS = "data/chexpert"
 CHEXPERT_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -70,7 +70,7 @@ def get_config(arg=None):
         shift_records="data/chestxray14",
         runlocal=False,
     )
-    config = config_lib.finetune_config(arg.arch)
+    config = recipes.finetune_config(arg.arch)
     source, shift_source = f"records:{arg.records}", f"records:{arg.shift_records}"
     label_map = dict(NIH_TO_CHEXPERT)
     if arg.runlocal and arg.records == RECORDS:
@@ -94,5 +94,5 @@ def get_config(arg=None):
             type="multilabel", data=dict(source=shift_source, split="test"), label_map=label_map
         )
     if arg.runlocal:
-        config_lib.runlocal_finetune(config)
+        recipes.runlocal_finetune(config)
     return config

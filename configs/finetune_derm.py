@@ -25,13 +25,13 @@ shift_records, runlocal.
 
 Published (paper): the task, top-1 accuracy, label fractions 10%..90%, the
 shifted test set. Not published, SimCLR v2's fine-tuning values used (see
-config_lib.finetune_config): LARS, lr 0.005 x sqrt(batch), batch 1024, 60
+recipes.finetune_config): LARS, lr 0.005 x sqrt(batch), batch 1024, 60
 epochs, no warm-up, no weight decay. Chosen here: 224 px, validation every
 500 steps selecting the best checkpoint by validation accuracy, the
 'supervised' augmentation (crop, flip, light colour jitter).
 """
 
-from micle_jax import config_lib
+from micle_jax import config_lib, recipes
 
 RECORDS = "data/derm"
 DEMO_RECORDS = "data/demo/pneumoniamnist"
@@ -49,7 +49,7 @@ def get_config(arg=None):
         shift_records="data/derm_shift",
         runlocal=False,
     )
-    config = config_lib.finetune_config(arg.arch)
+    config = recipes.finetune_config(arg.arch)
     records = DEMO_RECORDS if arg.runlocal and arg.records == RECORDS else arg.records
     config.data.source = f"records:{records}"
     config.data.image_size = 224
@@ -68,5 +68,5 @@ def get_config(arg=None):
             type="classification", data=dict(source=f"records:{shift}", split="test")
         )
     if arg.runlocal:
-        config_lib.runlocal_finetune(config)
+        recipes.runlocal_finetune(config)
     return config

@@ -18,10 +18,22 @@ Args: task (derm | chexpert), records, arch, init (the pre-training run;
 required unless runlocal), label_fraction, runlocal.
 """
 
-from configs import finetune_chexpert, finetune_derm
+import importlib.util
+import pathlib
+
 from micle_jax import config_lib
 
-TASKS = {"derm": finetune_derm, "chexpert": finetune_chexpert}
+TASKS = ("derm", "chexpert")
+
+
+def _task_config(task: str, arg: str):
+    """configs/finetune_{task}.py's config, loaded by path: configs/ is not a package
+    on sys.path outside the repository root, and this file must load from anywhere."""
+    path = pathlib.Path(__file__).with_name(f"finetune_{task}.py")
+    spec = importlib.util.spec_from_file_location(f"finetune_{task}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -41,7 +53,7 @@ def get_config(arg=None):
         task_arg += f",records={arg.records}"
     if arg.runlocal:
         task_arg += ",runlocal=True"
-    config = TASKS[arg.task].get_config(task_arg)
+    config = _task_config(arg.task, task_arg)
     config.model.fine_tune_after_block = 4
     config.data.augment = "supervised"
     config.data.augment_kwargs = dict(color_jitter_p=0.0)  # SimCLR: crop and flip only

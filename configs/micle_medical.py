@@ -24,8 +24,8 @@ Unknown (not published for stage 2): batch size, learning rate and steps; the
 SimCLR ImageNet values are used and exposed.
 """
 
-from micle_jax import config_lib
+from micle_jax import recipes
 
 
 def get_config(arg=None):
-    return config_lib.medical_pretrain_config(arg, mode="micle")
+    return recipes.medical_pretrain_config(arg, mode="micle")

@@ -24,12 +24,12 @@ augmentation (crop, flip, light colour jitter). Evaluated on ImageNet's
 validation split (it has no labelled test split).
 """
 
-from micle_jax import config_lib
+from micle_jax import config_lib, recipes
 
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, arch="r50x1", runlocal=False)
-    config = config_lib.finetune_config(arg.arch)
+    config = recipes.finetune_config(arg.arch)
     config.batch_size = 4096
     config.total_epochs = 90.0
     config.warmup_epochs = 5.0
@@ -49,5 +49,5 @@ def get_config(arg=None):
     )
     if arg.runlocal:
         config.data.source = "synthetic:num_cases=64,num_classes=4,image_size=48"
-        config_lib.runlocal_finetune(config)
+        recipes.runlocal_finetune(config)
     return config

@@ -28,7 +28,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -36,28 +35,17 @@ from typing import TextIO
 
 from absl import app, flags
 
-from launch import sweep_spec
+from launch import sweep_spec, xm_launch
+from micle_jax import rundir
 
-STATUS_FILE = "run_status.json"  # written by micle_jax.trainers.harness.write_status
-RUN_FILE = "sweep_run.json"
 LOG_FILE = "log.txt"
 PRINT_PREFIX = ("python", "-m", "micle_jax.main")
 FLAGS = flags.FLAGS
 
 
-def read_status(workdir: str) -> dict | None:
-    """ROOT/<run>/run_status.json as a dict; None when absent or unreadable (still running)."""
-    try:
-        with open(os.path.join(workdir, STATUS_FILE)) as f:
-            status = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return status if isinstance(status, dict) else None
-
-
 def is_finished(workdir: str) -> bool:
     """Whether the run in `workdir` has finished (its trainer wrote status 'finished')."""
-    return (read_status(workdir) or {}).get("status") == "finished"
+    return (rundir.read_status(workdir) or {}).get("status") == "finished"
 
 
 def write_run_file(run: sweep_spec.Run, command: Sequence[str]) -> None:
@@ -72,10 +60,7 @@ def write_run_file(run: sweep_spec.Run, command: Sequence[str]) -> None:
     )
     if run.tuned:
         data["tune"] = dict(params=list(run.tuned), select=run.select)
-    fd, tmp = tempfile.mkstemp(dir=run.workdir, prefix=".sweep_run")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(run.workdir, RUN_FILE))
+    rundir.write_json_atomic(os.path.join(run.workdir, rundir.RUN_FILE), data)
 
 
 def print_commands(runs: Sequence[sweep_spec.Run], prefix: Sequence[str], out: TextIO) -> None:
@@ -137,7 +122,7 @@ def run_local(
     ordered = sweep_spec.dependency_order(runs)
     finished = {r.name for r in ordered if is_finished(r.workdir)}
     pending = [r for r in ordered if r.name not in finished]
-    resumed = {r.name for r in pending if read_status(r.workdir) or _has_log(r)}
+    resumed = {r.name for r in pending if rundir.read_status(r.workdir) or _has_log(r)}
     out.write(
         f"sweep: {len(ordered)} runs: {len(finished)} finished, {len(resumed)} to resume, "
         f"{len(pending) - len(resumed)} to start; {parallel} at a time\n"
@@ -196,7 +181,8 @@ def run_local(
             if pending or running:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
-        # Trainers save a checkpoint on SIGTERM (see harness), so a rerun resumes them.
+        # Trainers save a checkpoint on SIGTERM (micle_jax/trainers/preemption.py), so a
+        # rerun resumes them.
         out.write(f"interrupted: stopping {len(running)} runs (SIGTERM) ...\n")
         for _, proc, _, _ in running.values():
             proc.terminate()
@@ -262,14 +248,14 @@ def _start(run: sweep_spec.Run, prefix: Sequence[str], resume: bool):
 
 def _failure(run: sweep_spec.Run, returncode: int) -> str | None:
     """Why a run that has exited did not finish, or None if it finished."""
-    status = read_status(run.workdir) or {}
+    status = rundir.read_status(run.workdir) or {}
     if returncode == 0 and status.get("status") == "finished":
         return None
     if status.get("status") == "failed":
         return f"exit code {returncode}: {status.get('error', 'no error message')}"
     if returncode == 0:
-        state = status.get("status", f"no {STATUS_FILE}")
-        return f"exited 0 but {STATUS_FILE} says {state!r} (interrupted?)"
+        state = status.get("status", f"no {rundir.STATUS_FILE}")
+        return f"exited 0 but {rundir.STATUS_FILE} says {state!r} (interrupted?)"
     return f"exit code {returncode}; last log line: {_last_line(_log_path(run))!r}"
 
 
@@ -286,21 +272,21 @@ def _last_line(path: str) -> str:
 def _warn_if_changed(run: sweep_spec.Run, out: TextIO) -> None:
     """Warns when a finished run was launched with other arguments (the sweep file changed)."""
     try:
-        with open(os.path.join(run.workdir, RUN_FILE)) as f:
+        with open(os.path.join(run.workdir, rundir.RUN_FILE)) as f:
             before = list(json.load(f)["command"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return
     # The prefix may differ (another Python); the arguments after it may not.
     if before[len(before) - len(run.args) :] != list(run.args):
         out.write(
-            f"warning: {run.name} finished with other arguments (see its {RUN_FILE}); "
+            f"warning: {run.name} finished with other arguments (see its {rundir.RUN_FILE}); "
             "it is skipped: delete its folder to rerun it\n"
         )
 
 
 def _define_flags() -> None:
-    # Defined only when run as a program: tests import this module next to others
-    # whose flags (e.g. --root) must not collide with these.
+    # Defined only when run as a program: tests import this module next to
+    # micle_jax.report, whose --root would collide with this one.
     flags.DEFINE_string("sweep", None, "Sweep file and argument: configs/sweeps/NAME.py[:ARG]")
     flags.DEFINE_string("root", None, "Sweep folder; each run's workdir is ROOT/<run name>.")
     flags.DEFINE_enum("executor", "local", ["local", "print", "xmanager"], "Where to run.")
@@ -340,8 +326,6 @@ def main(argv: Sequence[str]) -> int:
         print_commands(runs, prefix, sys.stdout)
         return 0
     if FLAGS.executor == "xmanager":
-        from launch import xm_launch
-
         return xm_launch.launch(runs, FLAGS.dry_run, FLAGS.xm_requirements)
     return run_local(runs, prefix, FLAGS.parallel, FLAGS.dry_run)
 

@@ -1,9 +1,9 @@
 """What a sweep is: stages of runs, their parameters, commands and dependencies.
 
 A sweep file `configs/sweeps/NAME.py` defines `get_sweep(arg=None) -> list[Stage]`.
-A stage turns each parameter dict of its `runs` (built with `product`, `zip`
-and `chain`, in the spirit of XManager's hyper-parameter helpers) into one
-run of `micle_jax.main`:
+A stage turns each parameter dict of its `runs` (built with `product`,
+`elementwise` and `chain`, in the spirit of XManager's hyper-parameter
+helpers) into one run of `micle_jax.main`:
 
     Stage(
         name="finetune",
@@ -26,7 +26,6 @@ print without the configs (or JAX) being importable.
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import difflib
 import heapq
@@ -45,7 +44,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 def _as_sweep(part, where: str) -> list[Params]:
     if isinstance(part, Mapping) or not isinstance(part, Sequence) or isinstance(part, str):
-        raise TypeError(f"{where}: expected a list of parameter dicts (from product/zip/chain)")
+        raise TypeError(
+            f"{where}: expected a list of parameter dicts (from product/elementwise/chain)"
+        )
     return [dict(p) for p in part]
 
 
@@ -79,25 +80,27 @@ def product(*sweeps: Sequence[Params], **params: Sequence[Any]) -> list[Params]:
     return [_merge(combo, "product") for combo in itertools.product(*axes)]
 
 
-def zip(*sweeps: Sequence[Params], **params: Sequence[Any]) -> list[Params]:
-    """Element-wise combination of sub-sweeps and value lists of equal length.
+def elementwise(*sweeps: Sequence[Params], **params: Sequence[Any]) -> list[Params]:
+    """Element-wise combination of sub-sweeps and value lists of equal length (a zip).
 
-    `zip(method=['supervised', 'simclr'], init=['sup', 'ssl'])` has 2 dicts.
+    `elementwise(method=['supervised', 'simclr'], init=['sup', 'ssl'])` has 2 dicts.
     """
-    axes = [_as_sweep(s, "zip") for s in sweeps] + _keyword_axes("zip", params)
+    axes = [_as_sweep(s, "elementwise") for s in sweeps] + _keyword_axes("elementwise", params)
     lengths = {len(a) for a in axes}
     if len(lengths) > 1:
-        raise ValueError(f"zip: all parts must have the same length, got lengths {sorted(lengths)}")
-    return [_merge(combo, "zip") for combo in builtins.zip(*axes, strict=True)]
+        raise ValueError(
+            f"elementwise: all parts must have the same length, got lengths {sorted(lengths)}"
+        )
+    return [_merge(combo, "elementwise") for combo in zip(*axes, strict=True)]
 
 
 def chain(*sweeps: Sequence[Params]) -> list[Params]:
-    """Concatenation of sub-sweeps: `chain(product(...), zip(...))`."""
+    """Concatenation of sub-sweeps: `chain(product(...), elementwise(...))`."""
     return [p for s in sweeps for p in _as_sweep(s, "chain")]
 
 
 @dataclasses.dataclass(frozen=True)
-class select:  # lower case: sweep files use it like product, zip and chain
+class select:  # lower case: sweep files use it like product, elementwise and chain
     """A template chosen by the value of one parameter.
 
     `select('method', simclr='pretrain_simclr_{arch}', supervised=None)`: a run
@@ -228,7 +231,7 @@ def expand(stages: Sequence[Stage], root: str) -> list[Run]:
         if not isinstance(stage, Stage):
             raise TypeError(f"get_sweep() returned {stage!r}; expected launch.sweep_spec.Stage")
         if not stage.runs:
-            raise ValueError(f"stage {stage.name!r} has no runs (an empty product or zip?)")
+            raise ValueError(f"stage {stage.name!r} has no runs (an empty product or elementwise?)")
         for params in stage.runs:
             run = _expand_one(stage, dict(params), root)
             if run.name in seen:

@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-CHECKPOINT_DIR = "checkpoints"
+from micle_jax import rundir
+
 PROJECTION_HEAD = "projection_head"
 # A `merge_variables` prefix: every leading projection layer that the checkpoint
 # and the model share (same arrays, same shapes), however many that is.
@@ -36,7 +37,7 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
         create=True,
     )
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+        os.path.join(os.path.abspath(workdir), rundir.CHECKPOINT_DIR),
         options=options,
         item_names=("state", "meta"),
     )
@@ -88,13 +89,13 @@ def resolve(path: str) -> pathlib.Path:
     if not p.exists():
         raise FileNotFoundError(
             f"checkpoint path {p} does not exist; give a training workdir or one of its "
-            f"{CHECKPOINT_DIR}/<step> folders"
+            f"{rundir.CHECKPOINT_DIR}/<step> folders"
         )
     if (p / "state").is_dir():
         return p / "state"
     if p.name == "state" and p.is_dir():
         return p
-    ckpt_dir = p / CHECKPOINT_DIR if (p / CHECKPOINT_DIR).is_dir() else p
+    ckpt_dir = p / rundir.CHECKPOINT_DIR if (p / rundir.CHECKPOINT_DIR).is_dir() else p
     steps = sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit() and d.is_dir())
     steps = [s for s in steps if (ckpt_dir / str(s) / "state").is_dir()]
     if not steps:
@@ -126,6 +127,47 @@ def load_variables(path: str) -> dict:
         "params": jax.tree.map(np.asarray, raw["params"]),
         "batch_stats": jax.tree.map(np.asarray, raw.get("batch_stats", {})),
     }
+
+
+def check_variables(abstract: dict, loaded: dict, source: str) -> None:
+    """Errors naming every array where a checkpoint and the config's model differ.
+
+    Args:
+      abstract: {'params', 'batch_stats'} shapes of the config's model.
+      loaded: the same from `load_variables`.
+      source: the checkpoint path, for the message.
+    """
+    problems = []
+    for collection in ("params", "batch_stats"):
+        want = traverse_util.flatten_dict(abstract.get(collection, {}), sep="/")
+        have = traverse_util.flatten_dict(loaded.get(collection, {}), sep="/")
+        for name in sorted(set(want) | set(have)):
+            where = f"{collection}/{name}"
+            if name not in have:
+                problems.append(f"{where}: in the model, not in the checkpoint")
+            elif name not in want:
+                problems.append(f"{where}: in the checkpoint, not in the model")
+            elif tuple(np.shape(have[name])) != tuple(want[name].shape):
+                problems.append(
+                    f"{where}: checkpoint {tuple(np.shape(have[name]))} vs model "
+                    f"{tuple(want[name].shape)}"
+                )
+    if not problems:
+        return
+    hint = "same arch, width, projection layers and data as the run that wrote it?"
+    head = [p for p in problems if p.startswith("params/head/")]
+    if head and len(head) == len(problems):
+        hint = (
+            "the classification head differs: the checkpoint was trained for another number "
+            "of classes than the config's data has"
+        )
+    elif any("backbone" in p for p in problems):
+        hint = "the backbone differs: the checkpoint has another arch/width than config.model"
+    raise ValueError(
+        f"checkpoint {source} does not match the config's model ({hint}):\n  "
+        + "\n  ".join(problems[:12])
+        + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+    )
 
 
 def projection_layer_prefixes(layers: int) -> tuple[str, ...]:

@@ -1,9 +1,20 @@
-"""Config helpers shared by every config file and trainer.
+"""Generic config helpers: every block's fields and defaults, and their builders.
 
+- `MODEL_DEFAULTS`, `DATA_DEFAULTS`, `OPTIM_DEFAULTS`: every field of a
+  config's `model`, `data` and `optim` block with its default. This is the
+  one place the defaults live: `models.build_model`, the data pipeline and
+  `optim` fill a missing field from them, and `model_config`, `data_config`
+  and `optim_config` build the blocks of the experiment configs from them.
+- `run_config`, `mesh_config`: the fields every trainer's config has.
+- `ARCHS` / `arch_fields`: architecture names like 'r50x4' -> model fields.
 - `parse_arg`: the one-string config argument of big_vision
   (`configs/x.py:arch=r50x4,runlocal=True`), typed by the defaults.
 - `get_steps`: durations given in steps or in epochs, converted in one place.
-- `check_config`: values that a locked ConfigDict cannot check by itself.
+
+The recipes (published values every experiment config starts from) are in
+micle_jax/recipes.py. This module imports nothing but ml_collections, so that
+models, data, optim, the configs and the launchers can all import it without
+pulling in JAX or TensorFlow.
 """
 
 from __future__ import annotations
@@ -26,6 +37,70 @@ ARCHS = {
     "r152x3_sk": (152, 3, 0.0625),
     "r200x1": (200, 1, 0.0),
 }
+
+# The model block (fields: micle_jax/models/__init__.py). SimCLR's defaults
+# (google-research/simclr tf2/run.py): R50 1x, 3-layer 128-d projection head,
+# BATCH_NORM_DECAY 0.9 and epsilon 1e-5.
+MODEL_DEFAULTS = dict(
+    name="resnet",
+    depth=50,
+    width=1.0,  # float so that overrides like 0.25 type-check in a locked ConfigDict
+    sk_ratio=0.0,
+    # None: the CIFAR stem (conv3x3/1, no max-pool) iff the images are <= 32 px,
+    # as SimCLR (tf2/model.py cifar_stem=FLAGS.image_size <= 32); the image size
+    # is only known from the model's input (resnet.uses_cifar_stem).
+    cifar_stem=None,
+    proj_layers=3,
+    proj_dim=128,
+    num_classes=0,
+    head_input=0,
+    head_stop_gradient=True,
+    fine_tune_after_block=-1,
+    dtype="float32",
+    bn_momentum=0.9,
+    bn_epsilon=1e-5,
+)
+
+# The data block (fields: micle_jax/data/stream/pipeline.py).
+DATA_DEFAULTS = dict(
+    source="synthetic",
+    split="train",
+    mode="simclr",
+    image_size=224,  # SimCLR's ImageNet resolution
+    augment="simclr",
+    augment_kwargs={},
+    shuffle_buffer=10_000,
+    cache_decoded=False,
+    uncertain_policy="ignore",
+    label_fraction=1.0,
+    # Pre-training epochs count images in 'simclr' and 'micle' alike: the
+    # same total_epochs is the same steps and views for both.
+    epoch_unit="images",
+    num_parallel_calls=-1,  # tf.data.AUTOTUNE
+)
+
+# A field a block must set: it has no default.
+REQUIRED = object()
+
+# The optimizer block (fields: micle_jax/optim.py). SimCLR's defaults
+# (tf2/run.py: momentum 0.9, LARS eeta 1e-3) and optax's for Adam.
+OPTIM_DEFAULTS = dict(
+    name=REQUIRED,
+    base_lr=REQUIRED,
+    lr_scaling=REQUIRED,
+    schedule="cosine",
+    momentum=0.9,
+    weight_decay=REQUIRED,
+    eeta=1e-3,
+    trust_ratio_exclude=(),
+    # None: as SimCLR's tf2/model.py build_optimizer for the chosen name:
+    # 'momentum' is Keras SGD(nesterov=True), 'lars' classic momentum
+    # (LARSOptimizer's use_nesterov=False); optim.uses_nesterov resolves it.
+    nesterov=None,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+)
 
 
 def _to_bool(key: str, text: str) -> bool:
@@ -134,53 +209,58 @@ def get_steps(
     return default
 
 
+def _block(kind: str, defaults: dict, fields: dict) -> dict:
+    """`defaults` with `fields` applied, key order kept; an unknown field is an error."""
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} config field(s) {unknown}; accepted: {', '.join(defaults)}"
+        )
+    return {**defaults, **fields}
+
+
 def model_config(arch: str, **overrides) -> ml_collections.ConfigDict:
-    """The model block of a config: SimCLR v2 ResNet + 3-layer 128-d projection head."""
-    fields = dict(
-        name="resnet",
-        **arch_fields(arch),
-        # None: SimCLR's CIFAR stem (conv3x3/1, no max-pool) iff the images are
-        # <= 32 px (tf2/model.py cifar_stem=FLAGS.image_size <= 32), decided
-        # from the model's input; a placeholder so --config.model.cifar_stem=
-        # True/False can force either stem.
-        cifar_stem=ml_collections.config_dict.placeholder(bool),
-        proj_layers=3,
-        proj_dim=128,
-        num_classes=0,
-        head_input=0,
-        head_stop_gradient=True,
-        fine_tune_after_block=-1,
-        dtype="float32",
-        bn_momentum=0.9,  # SimCLR: BATCH_NORM_DECAY 0.9, epsilon 1e-5
-        bn_epsilon=1e-5,
-    )
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
+    """The model block of a config: `arch`'s ResNet, MODEL_DEFAULTS, then `overrides`."""
+    # cifar_stem=None as a placeholder, so that --config.model.cifar_stem=True/False
+    # can force either stem in a locked config.
+    stem = ml_collections.config_dict.placeholder(bool)
+    fields = {**arch_fields(arch), "cifar_stem": stem, **overrides}
+    return ml_collections.ConfigDict(_block("model", MODEL_DEFAULTS, fields))
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    """The data block of a config (see micle_jax/data/pipeline.py for each field)."""
-    fields = dict(
-        source="synthetic",
-        split="train",
-        mode="simclr",
-        image_size=224,
-        augment="simclr",
-        augment_kwargs=ml_collections.ConfigDict(),
-        shuffle_buffer=10_000,
-        cache_decoded=False,
-        uncertain_policy="ignore",
-        label_fraction=1.0,
-        # Pre-training epochs count images in 'simclr' and 'micle' alike: the
-        # same total_epochs is the same steps and views for both.
-        epoch_unit="images",
-        num_parallel_calls=-1,  # tf.data.AUTOTUNE
+    """The data block of a config: DATA_DEFAULTS, then `overrides`."""
+    return ml_collections.ConfigDict(_block("data", DATA_DEFAULTS, overrides))
+
+
+def optim_config(**fields) -> ml_collections.ConfigDict:
+    """The optimizer block of a config: OPTIM_DEFAULTS, then `fields`.
+
+    `fields` must set the REQUIRED ones: name, base_lr, lr_scaling, weight_decay.
+    """
+    # nesterov=None as a placeholder, so that --config.optim.nesterov=True/False
+    # can force either in a locked config.
+    block = _block(
+        "optim",
+        OPTIM_DEFAULTS,
+        {"nesterov": ml_collections.config_dict.placeholder(bool), **fields},
     )
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
+    missing = [key for key, value in block.items() if value is REQUIRED]
+    if missing:
+        raise ValueError(f"optim config needs the field(s) {missing}")
+    return ml_collections.ConfigDict(block)
 
 
-def _run_config(
+def mesh_config() -> ml_collections.ConfigDict:
+    """The device mesh block (micle_jax/sharding.py): every device on the data axis.
+
+    With `model` > 1, parameters of at least `shard_min_size` elements are split
+    over the model axis (sharding.param_sharding).
+    """
+    return ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
+
+
+def run_config(
     trainer: str, batch_size: int, total_epochs: float, warmup_epochs: float, checkpoint_every: int
 ) -> ml_collections.ConfigDict:
     """The fields every trainer's config has: length, logging, checkpoints, mesh."""
@@ -195,154 +275,5 @@ def _run_config(
     config.log_every_steps = 100
     config.checkpoint_every_steps = checkpoint_every
     config.keep_checkpoints = 5  # SimCLR: keep_checkpoint_max 5
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, shard_min_size=2**22))
+    config.mesh = mesh_config()
     return config
-
-
-def optim_config(base_lr: float, weight_decay: float) -> ml_collections.ConfigDict:
-    """The optimizer block (micle_jax/optim.py): SimCLR's LARS, sqrt lr scaling, cosine."""
-    fields = dict(
-        name="lars",
-        base_lr=base_lr,
-        lr_scaling="sqrt",
-        schedule="cosine",
-        momentum=0.9,
-        weight_decay=weight_decay,
-        eeta=1e-3,
-        # SimCLR tf2/model.py: the supervised head keeps weight decay but
-        # skips LARS's trust ratio (it would all but freeze a small head).
-        trust_ratio_exclude=("^head/",),
-        # None: as SimCLR's tf2/model.py build_optimizer for the chosen name:
-        # 'momentum' is Keras SGD(nesterov=True), 'lars' classic momentum
-        # (LARSOptimizer's use_nesterov=False); optim.uses_nesterov resolves it.
-        # A placeholder so --config.optim.nesterov=True/False can force either.
-        nesterov=ml_collections.config_dict.placeholder(bool),
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-    )
-    return ml_collections.ConfigDict(fields)
-
-
-def pretrain_config(arch: str) -> ml_collections.ConfigDict:
-    """Contrastive pre-training defaults: the official SimCLR ImageNet command.
-
-    google-research/simclr tf2 README: --train_batch_size=4096 --train_epochs=100
-    --learning_rate=0.075 --learning_rate_scaling=sqrt --weight_decay=1e-4
-    --temperature=0.1, LARS, 10 warm-up epochs then cosine; global BN.
-    """
-    config = _run_config(
-        "pretrain", batch_size=4096, total_epochs=100.0, warmup_epochs=10.0, checkpoint_every=5000
-    )
-    config.linear_probe = True  # SimCLR: lineareval_while_pretraining
-    config.model = model_config(arch)
-    config.data = data_config()
-    # 0.075 * sqrt(4096) = 4.8 = 0.3 * 4096 / 256
-    config.optim = optim_config(base_lr=0.075, weight_decay=1e-4)
-    config.loss = ml_collections.ConfigDict(dict(temperature=0.1))
-    # Weights only, from another run: its backbone, plus the first
-    # `init_proj_layers` projection layers; -1 = every layer the checkpoint's head
-    # shares with this one (SimCLR's --checkpoint restores the whole model, head
-    # included). The linear probe's `head` is never copied.
-    config.init = ml_collections.ConfigDict(dict(checkpoint="", init_proj_layers=-1))
-    return config
-
-
-DEMO_PRETRAIN_RECORDS = "data/demo/hannover_cxr"
-
-
-def medical_pretrain_config(arg: str | None, mode: str) -> ml_collections.ConfigDict:
-    """Stage-2 config (configs/simclr_medical.py, configs/micle_medical.py).
-
-    Args:
-      arg: 'records=DIR,arch=...,init=STAGE1,augment=auto|cxr|simclr,runlocal=True'
-        (records defaults to the embedded demo data). augment='auto' (default)
-        is chosen from the records when the pipeline opens them
-        (pipeline.resolve_augment): the paper's no-blur 'cxr' policy for chest
-        X-rays (modality 'cxr', or gray images), SimCLR's colour policy for
-        dermatology (modality 'dermatology', or colour images).
-      mode: 'simclr' or 'micle' (config.data.mode).
-    """
-    arg = parse_arg(arg, records="", arch="r50x1", init="", augment="auto", runlocal=False)
-    config = pretrain_config(arg.arch)
-    config.data.source = f"records:{arg.records or DEMO_PRETRAIN_RECORDS}"
-    config.data.mode = mode
-    config.data.augment = arg.augment
-    config.init.checkpoint = arg.init
-    if arg.runlocal:
-        runlocal_pretrain(config)
-        config.data.cache_decoded = True
-    return config
-
-
-def _shrink(config: ml_collections.ConfigDict, warmup_steps: int) -> None:
-    """6 steps of 16 examples at 32 px, logged every 2 and checkpointed every 3."""
-    config.batch_size = 16
-    config.total_epochs = None
-    config.total_steps = 6
-    config.warmup_epochs = None
-    config.warmup_steps = warmup_steps
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 3
-    config.data.image_size = 32
-    config.data.shuffle_buffer = 64
-
-
-def runlocal_pretrain(config: ml_collections.ConfigDict) -> None:
-    """Shrinks a pre-training config in place to a CPU smoke run (seconds, not days)."""
-    _shrink(config, warmup_steps=2)
-
-
-def finetune_config(arch: str) -> ml_collections.ConfigDict:
-    """Supervised fine-tuning defaults: SimCLR v2's fine-tuning command.
-
-    google-research/simclr README (fine-tune the whole network on 1% of
-    ImageNet): --train_mode=finetune --fine_tune_after_block=-1
-    --zero_init_logits_layer=True --global_bn=True --optimizer=lars
-    --learning_rate=0.005 --learning_rate_scaling=sqrt --weight_decay=0
-    --train_epochs=60 --train_batch_size=1024 --warmup_epochs=0
-    --num_proj_layers=3 --ft_proj_selector=1. The paper does not publish its
-    own fine-tuning grid for dermatology and CheXpert (RECIPE.md: unknown), so
-    these are the defaults and every value is exposed.
-
-    Fields beyond pretrain_config's: `select_best` ('EVAL/METRIC' whose best
-    value picks the 'best' checkpoint; '' = none), `evals` (see
-    micle_jax/evaluators), `eval_batch_size`, `bootstrap_samples` (for the 95%
-    intervals), `zero_init_head`. `model.head_input` follows
-    `init.init_proj_layers` (SimCLR's ft_proj_selector: the head reads the
-    output of the last projection layer copied from the init checkpoint).
-    """
-    config = _run_config(
-        "finetune", batch_size=1024, total_epochs=60.0, warmup_epochs=0.0, checkpoint_every=1000
-    )
-    config.eval_batch_size = 1024
-    config.zero_init_head = True  # SimCLR: zero_init_logits_layer
-    # '' = SimCLR's unweighted loss; 'balanced' weights each class by
-    # n / (classes * n_class) (multiclass; e.g. HAM10000, 67% 'nv').
-    config.class_weight = ""
-    config.select_best = ""
-    config.bootstrap_samples = 1000
-    # normalize_head_input: the projection layer the head reads starts at unit
-    # BatchNorm scale (trainers/finetune.py normalize_head_input: pre-training
-    # leaves that scale arbitrary and it sets the head's effective step size).
-    config.init = ml_collections.ConfigDict(
-        dict(checkpoint="", init_proj_layers=1, normalize_head_input=True)
-    )
-    config.model = model_config(arch, head_stop_gradient=False)
-    config.model.head_input = config.init.get_ref("init_proj_layers")
-    config.data = data_config(mode="supervised", augment="supervised")
-    # 0.005 * sqrt(1024) = 0.16
-    config.optim = optim_config(base_lr=0.005, weight_decay=0.0)
-    config.evals = ml_collections.ConfigDict()
-    return config
-
-
-def runlocal_finetune(config: ml_collections.ConfigDict) -> None:
-    """Shrinks a fine-tuning config in place to a CPU smoke run (seconds, not hours)."""
-    _shrink(config, warmup_steps=1)
-    config.eval_batch_size = 64
-    config.bootstrap_samples = 100
-    config.data.cache_decoded = True
-    for entry in config.evals.values():
-        if entry.get("every_steps"):
-            entry.every_steps = 3

@@ -78,22 +78,15 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _hide_accelerators_from_tf() -> None:
-    # TensorFlow is only tf.data here; it must not grab GPU memory (big_vision).
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-
-
 def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None):
     """Dispatches to the trainer named by `config.trainer`."""
     trainer = config.get("trainer", "pretrain")
     if mode == "eval":
         if trainer != "finetune":
             raise ValueError("--mode=eval needs a fine-tuning config (config.trainer='finetune')")
-        from micle_jax.trainers import finetune
+        from micle_jax.trainers import evaluate
 
-        return finetune.evaluate_checkpoint(config, workdir, checkpoint)
+        return evaluate.evaluate_checkpoint(config, workdir, checkpoint)
     if trainer == "pretrain":
         from micle_jax.trainers import pretrain
 
@@ -117,14 +110,17 @@ def main(argv):
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir=DIR is required")
     logging.set_verbosity(logging.INFO)
-    _hide_accelerators_from_tf()
+    # TensorFlow is only tf.data here; it must not grab GPU memory (big_vision).
+    from micle_jax.data.stream import tf_host
+
+    tf_host.keep_tf_on_host()
     enable_compilation_cache()
     initialize_distributed()
-    from micle_jax.trainers import harness
+    from micle_jax.trainers import loop
 
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value, _CHECKPOINT.value)
-    except (ValueError, FileNotFoundError, PermissionError, harness.NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError, PermissionError, loop.NonFiniteLoss) as e:
         logging.error("%s", e)
         print(f"micle_jax: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,23 +1,23 @@
 """Optimizers (LARS, momentum SGD, AdamW) and learning-rate schedules from a config.
 
-The optimizer config (`config.optim` in the experiment configs) holds:
+The optimizer config (`config.optim` in the experiment configs; every field's
+default is in config_lib.OPTIM_DEFAULTS, the first four have none) holds:
 
   name          'lars' | 'momentum' | 'adamw'
   base_lr       learning rate before batch-size scaling
   lr_scaling    'sqrt' (base * sqrt(batch)) | 'linear' (base * batch / 256)
-  schedule      'cosine' (default) | 'linear' | 'constant', after the warm-up
   weight_decay  on kernels only (BatchNorm and biases are excluded, as SimCLR)
-  momentum      0.9             (lars, momentum)
-  nesterov      None            (lars, momentum; None = as SimCLR for the optimizer:
-                                 True for momentum, Keras SGD(nesterov=True) in
-                                 tf2/model.py build_optimizer; False for lars,
-                                 whose LARSOptimizer runs classic momentum)
-  eeta          1e-3            (lars: trust coefficient)
-  trust_ratio_exclude  ()       (lars: regexes, re.search'ed on the '/'-joined
-                                 parameter path, whose kernels keep weight
-                                 decay but skip the trust ratio; SimCLR tf2
-                                 excludes its supervised head: (r'^head/',))
-  b1, b2, eps   0.9, 0.999, 1e-8 (adamw)
+  schedule      'cosine' | 'linear' | 'constant', after the warm-up
+  momentum      lars, momentum: the momentum decay
+  nesterov      lars, momentum: None = as SimCLR for the optimizer (True for
+                momentum, Keras SGD(nesterov=True) in tf2/model.py
+                build_optimizer; False for lars, whose LARSOptimizer runs
+                classic momentum)
+  eeta          lars: the trust coefficient
+  trust_ratio_exclude  lars: regexes, re.search'ed on the '/'-joined parameter
+                path, whose kernels keep weight decay but skip the trust ratio
+                (SimCLR tf2 excludes its supervised head: (r'^head/',))
+  b1, b2, eps   adamw
 
 A typical trainer:
 
@@ -35,38 +35,22 @@ from typing import Any
 import jax
 import optax
 
+from micle_jax import config_lib
+
 LR_SCALINGS = ("sqrt", "linear")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("lars", "momentum", "adamw")
 
-_REQUIRED = object()
-# Field name -> default (_REQUIRED: no default). Defaults are SimCLR's
-# (tf2/run.py: momentum 0.9, LARS eeta 1e-3; Nesterov per optimizer, see
-# uses_nesterov) and optax's for Adam.
-OPTIM_FIELDS: dict[str, Any] = {
-    "name": _REQUIRED,
-    "base_lr": _REQUIRED,
-    "lr_scaling": _REQUIRED,
-    "weight_decay": _REQUIRED,
-    "schedule": "cosine",
-    "momentum": 0.9,
-    "nesterov": None,
-    "eeta": 1e-3,
-    "trust_ratio_exclude": (),
-    "b1": 0.9,
-    "b2": 0.999,
-    "eps": 1e-8,
-}
-
 
 def _field(optim_config: Mapping, key: str):
-    unknown = sorted(set(optim_config.keys()) - set(OPTIM_FIELDS))
+    defaults = config_lib.OPTIM_DEFAULTS
+    unknown = sorted(set(optim_config.keys()) - set(defaults))
     if unknown:
         raise ValueError(
-            f"optim config has unknown field(s) {unknown}; accepted: {', '.join(OPTIM_FIELDS)}"
+            f"optim config has unknown field(s) {unknown}; accepted: {', '.join(defaults)}"
         )
-    value = optim_config.get(key, OPTIM_FIELDS[key])
-    if value is _REQUIRED or value is None:
+    value = optim_config.get(key, defaults[key])
+    if value is config_lib.REQUIRED or value is None:
         raise ValueError(f"optim config needs the field {key!r} (e.g. config.optim.{key} = ...)")
     return value
 
@@ -79,7 +63,7 @@ def uses_nesterov(optim_config: Mapping) -> bool:
     'lars' is LARSOptimizer with its default use_nesterov=False (classic
     momentum, tf2/lars_optimizer.py).
     """
-    nesterov = optim_config.get("nesterov", OPTIM_FIELDS["nesterov"])
+    nesterov = optim_config.get("nesterov", config_lib.OPTIM_DEFAULTS["nesterov"])
     if nesterov is None:
         return _field(optim_config, "name") == "momentum"
     if not isinstance(nesterov, bool):

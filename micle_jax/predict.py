@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -28,12 +27,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from micle_jax import checkpoint, sharding
-from micle_jax.evaluators import base, metrics
-from micle_jax.trainers import supervised_step
-
-# An image's first bytes: what tf.io.decode_image can read here.
-_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg"}
+from micle_jax import checkpoint, rundir, sharding
+from micle_jax.data import records
+from micle_jax.evaluators import metrics
+from micle_jax.evaluators.predictor import Predictor
+from micle_jax.task import TaskInfo, build_model
 
 
 def load_run(workdir: str, which: str = "final"):
@@ -46,18 +44,14 @@ def load_run(workdir: str, which: str = "final"):
         checkpoint path.
 
     Returns:
-      (model, variables {'params', 'batch_stats'}, task: base.TaskInfo, mesh).
+      (model, variables {'params', 'batch_stats'}, task: TaskInfo, mesh).
     """
-    task = base.TaskInfo.load(workdir)
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: {workdir} is not a training workdir")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    task = TaskInfo.load(workdir)
+    config = ml_collections.ConfigDict(rundir.read_config(workdir))
     if which == "final":
         path = workdir
     elif which == "best":
-        path = os.path.join(workdir, "best")
+        path = rundir.best_dir(workdir)
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"{path} does not exist: the run kept no best checkpoint (config.select_best "
@@ -66,12 +60,12 @@ def load_run(workdir: str, which: str = "final"):
     else:
         path = which
     mesh = sharding.make_mesh(config.mesh)
-    model = supervised_step.build_model(config, task)
+    model = build_model(config, task)
     loaded = checkpoint.load_variables(path)
     image = np.zeros((1, task.image_size, task.image_size, 3), np.float32)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
     abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    supervised_step.check_variables(abstract, loaded, path)
+    checkpoint.check_variables(abstract, loaded, path)
     variables = jax.device_put(
         jax.tree.map(lambda x, a: np.asarray(x, a.dtype), loaded, abstract),
         sharding.tree_shardings(abstract, mesh, config.mesh.shard_min_size),
@@ -89,7 +83,7 @@ def find_images(pattern: str) -> list[str]:
     for path in paths:
         with open(path, "rb") as f:
             head = f.read(8)
-        if not any(head.startswith(magic) for magic in _MAGIC):
+        if not any(head.startswith(magic) for magic in records.IMAGE_SIGNATURES):
             bad.append(path)
     if bad:
         raise ValueError(
@@ -109,12 +103,12 @@ def image_batches(
     """
     import tensorflow as tf
 
-    from micle_jax.data import augment
+    from micle_jax.data.augment import policies
 
     def load(path):
         # channels=3: gray becomes RGB (as the evaluation's gray-to-RGB), alpha is dropped.
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return augment.eval_transform(image, image_size)
+        return policies.eval_transform(image, image_size)
 
     dataset = tf.data.Dataset.from_tensor_slices(list(paths)).map(
         load, num_parallel_calls=tf.data.AUTOTUNE
@@ -137,14 +131,12 @@ def record_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Host batches of a record set's split through the pipeline's 'eval' mode."""
     from micle_jax import config_lib
-    from micle_jax.data import pipeline
+    from micle_jax.data.stream import pipeline
 
     data = config_lib.data_config(
         source=f"records:{records}", split=split, mode="eval", image_size=image_size
     )
-    return pipeline.make_dataset(
-        data, mode="eval", global_batch_size=batch_size, seed=0
-    ).as_numpy_iterator()
+    return pipeline.open_data(data, seed=0).dataset("eval", batch_size).as_numpy_iterator()
 
 
 def predict(
@@ -170,7 +162,7 @@ def predict(
         batches = image_batches(find_images(images), task.image_size, batch_size)
     else:
         batches = record_batches(records, split, task.image_size, batch_size)
-    out = base.Predictor(model, mesh).predict(variables, batches, ("logits",))
+    out = Predictor(model, mesh).predict(variables, batches, ("logits",))
     if task.label_type == "multiclass":
         probs = metrics.softmax(out["logits"])
     else:
@@ -185,13 +177,10 @@ def predict(
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     """Writes the CSV through a temporary file and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with rundir.atomic_open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def main(argv):
@@ -200,9 +189,9 @@ def main(argv):
     del argv
     flag = flags.FLAGS
     logging.set_verbosity(logging.INFO)
-    import tensorflow as tf
+    from micle_jax.data.stream import tf_host
 
-    tf.config.set_visible_devices([], "GPU")  # TF only decodes; JAX owns the accelerator
+    tf_host.keep_tf_on_host()  # TF only decodes; JAX owns the accelerator
     try:
         header, rows = predict(
             flag.workdir, flag.images, flag.records, flag.split, flag.checkpoint, flag.batch_size

@@ -1,6 +1,6 @@
 """The report's figures: label-efficiency curves and in-domain vs shifted bars.
 
-Both take the summary rows of `report.aggregate` (mean and 95% CI per group).
+Both take the summary rows of `report_summary.aggregate` (mean and 95% CI per group).
 Figures are drawn with matplotlib's object API on the Agg canvas (no display,
 no pyplot global state), so they work on headless machines and inside tests.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from micle_jax import report
+from micle_jax import report_summary
 
 _NOT_IN_PANEL_KEY = {"method", "label_fraction", "dataset", "split", "eval", "tuned"}
 
@@ -34,14 +34,14 @@ def _panel_labels(keys: Sequence[tuple], columns: Sequence[str], always: Sequenc
 
 
 def _methods(rows: Sequence[dict]) -> list:
-    return sorted({r["method"] for r in rows}, key=report._sort_key)
+    return sorted({r["method"] for r in rows}, key=report_summary.sort_key)
 
 
 def plot_label_efficiency(summary: Sequence[dict], params: Sequence[str], out: str) -> list[str]:
     """One PNG per (dataset, metric, ...): metric vs label fraction, a line and 95% band per method.
 
     Args:
-      summary: rows of `report.aggregate` (need 'method' and a numeric 'label_fraction').
+      summary: rows of `report_summary.aggregate` (need 'method' and a numeric 'label_fraction').
       params: their parameter columns.
       out: the folder to write to.
 
@@ -52,7 +52,9 @@ def plot_label_efficiency(summary: Sequence[dict], params: Sequence[str], out: s
         return []
     # 'tuned' (the hyper-parameter chosen per arm) differs between the points of one curve.
     columns = [
-        c for c in (*params, *report.RESULT_KEYS) if c not in ("method", "label_fraction", "tuned")
+        c
+        for c in (*params, *report_summary.RESULT_KEYS)
+        if c not in ("method", "label_fraction", "tuned")
     ]
     panels = collections.defaultdict(list)
     for row in summary:
@@ -100,7 +102,7 @@ def plot_distribution_shift(summary: Sequence[dict], params: Sequence[str], out:
     """
     if "method" not in params:
         return []
-    columns = [c for c in (*params, *report.RESULT_KEYS) if c not in _NOT_IN_PANEL_KEY]
+    columns = [c for c in (*params, *report_summary.RESULT_KEYS) if c not in _NOT_IN_PANEL_KEY]
     popularity = collections.Counter(r["dataset"] for r in summary)
     panels = collections.defaultdict(list)
     for row in summary:

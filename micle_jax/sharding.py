@@ -24,15 +24,16 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     """Builds the ("data", "model") mesh over all devices of all processes.
 
     Args:
-      mesh_config: `data` (-1 = whatever is left) and `model` (>= 1) sizes.
+      mesh_config: `data` (-1 = whatever is left) and `model` (>= 1) sizes, as
+        config_lib.mesh_config gives them (every device on the data axis).
       devices: defaults to `jax.devices()` (every process's devices).
 
     Returns:
       A Mesh of shape [data, model].
     """
     devices = list(jax.devices() if devices is None else devices)
-    model = int(mesh_config.get("model", 1))
-    data = int(mesh_config.get("data", -1))
+    model = int(mesh_config.model)
+    data = int(mesh_config.data)
     if model < 1 or len(devices) % model:
         raise ValueError(
             f"config.mesh.model={model} must be >= 1 and divide the {len(devices)} devices"

@@ -30,7 +30,16 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data():
-    """Path of ../shared/data (the real chest X-ray datasets); skips if absent."""
+    """Path of ../shared/data (the real medical datasets); a missing folder fails the test.
+
+    CI and every development checkout have it next to the repository, so its
+    absence is a broken set-up, not an optional feature: a skip would hide it.
+    """
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
+        pytest.fail(
+            f"real data not found at {SHARED_DATA}: the tests that read real images need "
+            "../shared/data next to the repository (see its README.md for the four datasets); "
+            "check it out there or link it, then rerun",
+            pytrace=False,
+        )
     return SHARED_DATA

@@ -1,4 +1,4 @@
-"""Tests for micle_jax/data/augment.py: the registry, the policies, their contract.
+"""Tests for micle_jax/data/augment/ registry.py and policies.py: ops, policies, contract.
 
 Every op and policy must give the same view eagerly and inside Dataset.map
 (big_vision found these can differ). The ops themselves are tested in
@@ -15,7 +15,7 @@ from fixtures.augment_images import (
     rgb_image,
 )
 
-from micle_jax.data import augment, geometry, op_base
+from micle_jax.data.augment import crop_boxes, op_base, policies, registry
 
 # --- eager == Dataset.map, determinism, output contract ---
 
@@ -35,7 +35,7 @@ OP_SPECS = [
 
 
 def test_every_registered_op_is_tested():  # in the eager/map test below
-    assert {name for name, _ in OP_SPECS} == set(augment.OPS)
+    assert {name for name, _ in OP_SPECS} == set(registry.OPS)
 
 
 @pytest.mark.parametrize("name,kwargs", OP_SPECS, ids=[s[0] for s in OP_SPECS])
@@ -57,9 +57,9 @@ def test_op_same_eagerly_and_in_dataset_map(name, kwargs, channels):
     np.testing.assert_allclose(eager, mapped, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", sorted(augment.POLICIES))
+@pytest.mark.parametrize("name", sorted(policies.POLICIES))
 def test_policy_same_eagerly_and_in_dataset_map_and_deterministic(name):
-    policy = augment.get_policy(name, 24)
+    policy = policies.get_policy(name, 24)
     image = tf.constant((rgb_image(50, 44) * 255).astype(np.uint8))
     seeds = tf.constant([[s, 7] for s in range(5)], tf.int64)
     eager = np.stack([policy(image, s).numpy() for s in seeds])
@@ -76,7 +76,7 @@ def test_policy_same_eagerly_and_in_dataset_map_and_deterministic(name):
     assert distinct == (1 if name in ("eval", "none") else len(eager))
 
 
-@pytest.mark.parametrize("name", sorted(augment.POLICIES))
+@pytest.mark.parametrize("name", sorted(policies.POLICIES))
 @pytest.mark.parametrize(
     "image",
     [
@@ -89,7 +89,7 @@ def test_policy_same_eagerly_and_in_dataset_map_and_deterministic(name):
     ids=["rgb_u8", "gray_u8", "gray_2d", "gray_u16", "rgb_f64"],
 )
 def test_policy_output_contract(name, image):
-    view = augment.get_policy(name, 20)(image, tf.constant([1, 2])).numpy()
+    view = policies.get_policy(name, 20)(image, tf.constant([1, 2])).numpy()
     assert view.shape == (20, 20, 3) and view.dtype == np.float32
     assert view.min() >= 0.0 and view.max() <= 1.0
     if image.ndim == 2 or image.shape[-1] == 1 or name == "cxr":
@@ -100,7 +100,7 @@ def test_policy_output_contract(name, image):
 @pytest.mark.parametrize("name", ["simclr", "cxr"])
 def test_uint8_and_float_inputs_give_the_same_view(name):
     image = (rgb_image(50, 60) * 255).astype(np.uint8)
-    policy = augment.get_policy(name, 24)
+    policy = policies.get_policy(name, 24)
     seed = tf.constant([5, 6])
     np.testing.assert_allclose(
         policy(image, seed).numpy(), policy(image / np.float32(255), seed).numpy(), atol=2e-5
@@ -111,7 +111,7 @@ def test_gray_image_gives_the_view_of_its_rgb_copy():
     # Saturation, hue and grayscale are the identity on gray pixels, so the
     # 1-channel fast path must agree with running the full RGB path.
     gray = gray_image(40, 40)
-    policy = augment.get_policy("simclr", 24, blur_p=1.0)
+    policy = policies.get_policy("simclr", 24, blur_p=1.0)
     for s in range(5):
         seed = tf.constant([s, 3])
         np.testing.assert_allclose(
@@ -120,7 +120,7 @@ def test_gray_image_gives_the_view_of_its_rgb_copy():
 
 
 def test_simclr_policy_has_the_recipe_ops():
-    policy = augment.get_policy("simclr", 224)
+    policy = policies.get_policy("simclr", 224)
     assert [name for name, _ in policy.ops] == [
         "random_resized_crop",
         "flip_left_right",
@@ -131,7 +131,7 @@ def test_simclr_policy_has_the_recipe_ops():
     kwargs = dict(policy.ops)
     assert kwargs["color_jitter"] == dict(strength=1.0, p=0.8, impl="hsv")
     assert kwargs["grayscale"] == dict(p=0.2) and kwargs["gaussian_blur"]["p"] == 0.5
-    weaker = augment.get_policy("simclr", 224, color_jitter_strength=0.5)
+    weaker = policies.get_policy("simclr", 224, color_jitter_strength=0.5)
     assert dict(weaker.ops)["color_jitter"]["strength"] == 0.5
 
 
@@ -139,14 +139,14 @@ def test_simclr_policy_has_the_recipe_ops():
 
 
 def test_cxr_never_blurs_and_is_gray():
-    policy = augment.get_policy("cxr", 24)
+    policy = policies.get_policy("cxr", 24)
     names = [name for name, _ in policy.ops]
     assert "gaussian_blur" not in names
     assert dict(policy.ops)["random_rotated_crop"]["max_degrees"] == 45.0
     assert dict(policy.ops)["color_jitter"]["saturation"] == 0.0
     # A sharp checkerboard keeps its edges: neighbouring pixels still differ a lot.
     board = np.kron((np.indices((8, 8)).sum(0) % 2), np.ones((6, 6))).astype(np.float32)
-    policy = augment.get_policy(
+    policy = policies.get_policy(
         "cxr", 48, area_range=(1.0, 1.0), max_degrees=0.0, color_jitter_p=0.0
     )
     views = map_over_seeds(lambda s: policy(board[..., None], s), n=20)
@@ -158,7 +158,7 @@ def test_cxr_on_real_chest_xray(shared_data):
     image = tf.io.decode_png(tf.io.read_file(str(path)), channels=1)
     assert image.shape[0] > 500
     for name in ("cxr", "simclr", "eval"):
-        view = augment.get_policy(name, 64)(image, tf.constant([0, 1])).numpy()
+        view = policies.get_policy(name, 64)(image, tf.constant([0, 1])).numpy()
         assert view.shape == (64, 64, 3) and 0 <= view.min() and view.max() <= 1
         assert view.std() > 0.02  # an X-ray, not a blank
 
@@ -169,11 +169,11 @@ def test_cxr_on_real_chest_xray(shared_data):
 def test_eval_transform_centre_crops_87_5_percent():
     image = np.arange(40 * 32, dtype=np.float32).reshape(40, 32, 1) / (40 * 32)
     # min side 32 -> crop side rint(0.875 * 32) = 28 at offsets (40-28+1)//2, (32-28+1)//2.
-    view = augment.eval_transform(image, 28).numpy()
+    view = policies.eval_transform(image, 28).numpy()
     np.testing.assert_allclose(view, np.repeat(image[6:34, 2:30], 3, -1), atol=1e-5)
-    assert augment.eval_transform(image, 16).shape == (16, 16, 3)
+    assert policies.eval_transform(image, 16).shape == (16, 16, 3)
     np.testing.assert_array_equal(
-        geometry.center_crop_box(640, 700, 0.875).numpy(), [40, 70, 560, 560]
+        crop_boxes.center_crop_box(640, 700, 0.875).numpy(), [40, 70, 560, 560]
     )
 
 
@@ -182,33 +182,33 @@ def test_eval_transform_centre_crops_87_5_percent():
 
 def test_custom_op_list_and_registered_op():
     ops = [("random_resized_crop", dict(area_range=(0.5, 1.0))), "flip_left_right"]
-    view = augment.get_policy(ops, 16)(rgb_image(), tf.constant([0, 0]))
+    view = policies.get_policy(ops, 16)(rgb_image(), tf.constant([0, 0]))
     assert view.shape == (16, 16, 3)
 
-    @augment.register_op("invert_for_test")
+    @registry.register_op("invert_for_test")
     def make_invert():
         return lambda image, seed: 1.0 - op_base.to_unit_float(image)
 
     try:
-        policy = augment.get_policy(["resize", "invert_for_test"], 8)
+        policy = policies.get_policy(["resize", "invert_for_test"], 8)
         image = np.full((8, 8, 3), 0.25, np.float32)
         np.testing.assert_allclose(policy(image, tf.constant([0, 0])), 0.75)
         with pytest.raises(ValueError, match="already registered"):
-            augment.register_op("invert_for_test", lambda: None)
+            registry.register_op("invert_for_test", lambda: None)
     finally:
-        del augment.OPS["invert_for_test"]
+        del registry.OPS["invert_for_test"]
 
 
 def test_policy_draws_every_uniform_in_one_call_and_slices_in_op_order():
     crop = make_op("random_resized_crop", size=16, area_range=(0.5, 1.0))
     jitter = make_op("color_jitter")  # defaults, as the policy's
     flip = make_op("flip_left_right")
-    policy = augment.get_policy(
+    policy = policies.get_policy(
         [("random_resized_crop", dict(area_range=(0.5, 1.0))), "color_jitter", "flip_left_right"],
         16,
     )
     assert policy.num_uniforms == crop.num_uniforms + jitter.num_uniforms + flip.num_uniforms
-    # The crop's two uniforms seed TensorFlow's box sampler (geometry.crop_box).
+    # The crop's two uniforms seed TensorFlow's box sampler (crop_boxes.crop_box).
     assert (crop.num_uniforms, jitter.num_uniforms, flip.num_uniforms) == (2, 9, 1)
     image = tf.constant(rgb_image())
     for s in range(4):
@@ -222,54 +222,54 @@ def test_policy_draws_every_uniform_in_one_call_and_slices_in_op_order():
     np.testing.assert_array_equal(
         op_base.draw_uniforms(seed, 2), op_base.draw_uniforms(seed, 12)[:2]
     )
-    alone = augment.get_policy([("random_resized_crop", dict(area_range=(0.5, 1.0)))], 16)
+    alone = policies.get_policy([("random_resized_crop", dict(area_range=(0.5, 1.0)))], 16)
     np.testing.assert_allclose(crop(image, seed), alone(image, seed), atol=1e-6)
 
 
 def test_plain_function_op_gets_its_own_seed():
-    @augment.register_op("seed_probe_for_test")
+    @registry.register_op("seed_probe_for_test")
     def make_probe():
         # Fills the view with a uniform drawn from the seed the op receives.
         return lambda image, seed: image * 0.0 + op_base.uniform(seed, 0.0, 1.0)
 
     try:
-        policy = augment.get_policy(["resize", "flip_left_right", "seed_probe_for_test"], 4)
+        policy = policies.get_policy(["resize", "flip_left_right", "seed_probe_for_test"], 4)
         seed = tf.constant([5, 6])
         expected = op_base.uniform(op_base.sub_seed(seed, 2), 0.0, 1.0)
         np.testing.assert_allclose(policy(rgb_image(), seed), np.full((4, 4, 3), expected))
         assert policy.num_uniforms == 1  # resize draws none, the flip one, the plain op none
     finally:
-        del augment.OPS["seed_probe_for_test"]
+        del registry.OPS["seed_probe_for_test"]
 
 
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: augment.get_policy("simclrr", 32), "unknown augment policy.*simclr"),
-        (lambda: augment.get_policy(None, 32), "neither a policy name.*cxr"),
-        (lambda: augment.get_policy(["resize", "blurr"], 32), "unknown augment op.*gaussian_blur"),
+        (lambda: policies.get_policy("simclrr", 32), "unknown augment policy.*simclr"),
+        (lambda: policies.get_policy(None, 32), "neither a policy name.*cxr"),
+        (lambda: policies.get_policy(["resize", "blurr"], 32), "unknown augment op.*gaussian_blur"),
         (
-            lambda: augment.get_policy("simclr", 32, colour_jitter_strength=0.5),
+            lambda: policies.get_policy("simclr", 32, colour_jitter_strength=0.5),
             "unknown argument.*colour_jitter_strength.*color_jitter_strength",
         ),
-        (lambda: augment.get_policy([("resize", dict(size=8))], 32), "unknown argument.*size"),
-        (lambda: augment.get_policy("simclr", 32, flip_p=1.5), "flip_left_right.*probability"),
-        (lambda: augment.get_policy("simclr", 32, area_range=(0.9, 0.1)), "area_range"),
-        (lambda: augment.get_policy("simclr", 32, color_jitter_strength=-1), "strength"),
-        (lambda: augment.get_policy("simclr", 32, color_jitter_strength=3), "hue"),
-        (lambda: augment.get_policy("cxr", 32, fill_mode="edge"), "fill_mode.*nearest"),
-        (lambda: augment.get_policy("cxr", 32, max_degrees=200), "max_degrees"),
-        (lambda: augment.get_policy(["flip_left_right"], 32), "never bring.*random_resized"),
-        (lambda: augment.get_policy(["resize"], 32, p=1), "named policy only"),
-        (lambda: augment.get_policy([("resize", 3)], 32), "op spec"),
-        (lambda: augment.get_policy("none", 0), "image_size"),
+        (lambda: policies.get_policy([("resize", dict(size=8))], 32), "unknown argument.*size"),
+        (lambda: policies.get_policy("simclr", 32, flip_p=1.5), "flip_left_right.*probability"),
+        (lambda: policies.get_policy("simclr", 32, area_range=(0.9, 0.1)), "area_range"),
+        (lambda: policies.get_policy("simclr", 32, color_jitter_strength=-1), "strength"),
+        (lambda: policies.get_policy("simclr", 32, color_jitter_strength=3), "hue"),
+        (lambda: policies.get_policy("cxr", 32, fill_mode="edge"), "fill_mode.*nearest"),
+        (lambda: policies.get_policy("cxr", 32, max_degrees=200), "max_degrees"),
+        (lambda: policies.get_policy(["flip_left_right"], 32), "never bring.*random_resized"),
+        (lambda: policies.get_policy(["resize"], 32, p=1), "named policy only"),
+        (lambda: policies.get_policy([("resize", 3)], 32), "op spec"),
+        (lambda: policies.get_policy("none", 0), "image_size"),
         (
-            lambda: augment.get_policy("none", 8)(np.zeros((8, 8, 4), np.uint8), [0, 0]),
+            lambda: policies.get_policy("none", 8)(np.zeros((8, 8, 4), np.uint8), [0, 0]),
             "channels",
         ),
-        (lambda: augment.get_policy("none", 8)(np.zeros((2, 8, 8, 3)), [0, 0]), "batches"),
-        (lambda: augment.get_policy("none", 8)(np.zeros((8, 8, 3)), [0, 0, 0]), "seed"),
-        (lambda: augment.get_policy("none", 8)(np.zeros((8, 8, 3)), [0.5, 1.0]), "seed"),
+        (lambda: policies.get_policy("none", 8)(np.zeros((2, 8, 8, 3)), [0, 0]), "batches"),
+        (lambda: policies.get_policy("none", 8)(np.zeros((8, 8, 3)), [0, 0, 0]), "seed"),
+        (lambda: policies.get_policy("none", 8)(np.zeros((8, 8, 3)), [0.5, 1.0]), "seed"),
     ],
 )
 def test_bad_input_raises_clear_error(call, match):

@@ -1,4 +1,4 @@
-"""Tests for micle_jax/data/blur.py: the Gaussian blur against scipy, its rate and sigma."""
+"""Tests for micle_jax/data/augment/blur.py: the Gaussian blur against scipy, its rate and sigma."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from fixtures.augment_images import (
     rgb_image,
 )
 
-from micle_jax.data import blur
+from micle_jax.data.augment import blur
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -1,4 +1,4 @@
-"""Tests for micle_jax/data/color.py: colour jitter (both impls) and grayscale.
+"""Tests for micle_jax/data/augment/color.py: colour jitter (both impls) and grayscale.
 
 Values are checked against NumPy / colorsys references; rates over a few
 hundred seeds within about 4 binomial standard deviations.
@@ -19,7 +19,7 @@ from fixtures.augment_images import (
     rgb_image,
 )
 
-from micle_jax.data import color, op_base
+from micle_jax.data.augment import color, op_base
 
 
 @pytest.mark.parametrize("p", [0.2, 0.6])

@@ -2,6 +2,8 @@
 
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -47,6 +49,30 @@ def test_get_steps_from_steps_or_epochs():
         config_lib.get_steps("absent", c2, 10, 64)
 
 
+def test_block_builders_check_their_fields():
+    model = config_lib.model_config("r50x4", num_classes=3)
+    assert set(model) == set(config_lib.MODEL_DEFAULTS)  # their order: test_config_json.py
+    assert (model.depth, model.width, model.num_classes) == (50, 4, 3)
+    assert config_lib.data_config(image_size=32).image_size == 32
+    with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['widht'\]"):
+        config_lib.model_config("r50x1", widht=2)
+    with pytest.raises(ValueError, match=r"unknown data config field\(s\) \['sorce'\]"):
+        config_lib.data_config(sorce="synthetic")
+    with pytest.raises(ValueError, match=r"needs the field\(s\) \['lr_scaling', 'weight_decay'\]"):
+        config_lib.optim_config(name="lars", base_lr=0.1)
+
+
+def test_config_helpers_and_recipes_import_neither_jax_nor_tensorflow():
+    # The launchers load configs (and the data, model and optim code reads the
+    # defaults from config_lib): neither may need the accelerator stack.
+    code = (
+        "import sys; import micle_jax.config_lib, micle_jax.recipes; "
+        "print(sorted(m for m in ('jax', 'flax', 'optax', 'tensorflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("arch", ["r50x1", "r50x4", "r152x2"])
 def test_simclr_imagenet_is_the_official_recipe(arch):
     c = load_config("simclr_imagenet", f"arch={arch}")
@@ -89,7 +115,7 @@ def test_nesterov_and_stem_follow_simclr_and_can_be_forced():
 
 
 def test_medical_configs_choose_the_augment_policy_by_the_data():
-    # 'auto' is resolved by the pipeline from the records (pipeline.resolve_augment),
+    # 'auto' is resolved by the pipeline from the records (pipeline.Data.augment_policy),
     # never by the config, which reads no files; an explicit policy is kept.
     for name in ("simclr_medical", "micle_medical"):
         assert load_config(name).data.augment == "auto"

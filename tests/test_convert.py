@@ -1,4 +1,4 @@
-"""Tests of the converter (convert.py, convert_inputs.py, convert_images.py)."""
+"""Tests of the converter (micle_jax/data/convert/: cli.py, write.py, inputs.py, images.py)."""
 
 import csv
 import hashlib
@@ -13,10 +13,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from micle_jax.data import make_demo_data, records
-from micle_jax.data.convert import convert, parse_num_shards, verify_dataset
-from micle_jax.data.convert_images import ImageOptions, encode_image
-from micle_jax.data.convert_inputs import (
+from micle_jax.data import records, shards
+from micle_jax.data.convert import make_demo_data
+from micle_jax.data.convert.cli import parse_num_shards
+from micle_jax.data.convert.images import ImageOptions, encode_image
+from micle_jax.data.convert.inputs import (
     ConversionError,
     ImageSpec,
     assign_split,
@@ -25,6 +26,7 @@ from micle_jax.data.convert_inputs import (
     parse_split_fractions,
     read_case_list,
 )
+from micle_jax.data.convert.write import convert, verify_dataset
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +74,7 @@ def _read(path):
     info = records.load_info(str(path))
     cases = []
     for split in info.splits:
-        dataset = tf.data.TFRecordDataset(records.shard_paths(str(path), split))
+        dataset = tf.data.TFRecordDataset(shards.shard_paths(str(path), split))
         parse = lambda s: records.parse_case(s, info.num_classes, info.label_type)
         cases += [(split, c) for c in dataset.map(parse).as_numpy_iterator()]
     return info, cases
@@ -149,19 +151,19 @@ def test_verify_dataset_catches_broken_guarantees(tmp_path):
 
     splits = {}
     for split, cases in (("train", [("a", "1"), ("b", "2")]), ("test", [("c", "3")])):
-        shards = records.write_split(str(tmp_path), split, [example(*c) for c in cases], 1)
-        splits[split] = records.make_split_info(shards, [1] * len(cases))
+        written = shards.write_split(str(tmp_path), split, [example(*c) for c in cases], 1)
+        splits[split] = shards.make_split_info(written, [1] * len(cases))
     info = records.DatasetInfo("t", "none", [], splits)
     verify_dataset(str(tmp_path), info, excluded=["z"])
     with pytest.raises(ValueError, match="excluded case 'b' is in split 'train'"):
         verify_dataset(str(tmp_path), info, excluded=["b"])
-    records.write_split(str(tmp_path), "test", [example("a", "4")], 1)
+    shards.write_split(str(tmp_path), "test", [example("a", "4")], 1)
     with pytest.raises(ValueError, match="case 'a' is in splits 'train' and 'test'"):
         verify_dataset(str(tmp_path), info)
-    records.write_split(str(tmp_path), "test", [example("c", "2")], 1)
+    shards.write_split(str(tmp_path), "test", [example("c", "2")], 1)
     with pytest.raises(ValueError, match="repeats an image id"):
         verify_dataset(str(tmp_path), info)
-    records.write_split(str(tmp_path), "test", [example("c", "3"), example("d", "5")], 1)
+    shards.write_split(str(tmp_path), "test", [example("c", "3"), example("d", "5")], 1)
     with pytest.raises(ValueError, match="read 2 cases / 2 images, info says 1 / 1"):
         verify_dataset(str(tmp_path), info)
 
@@ -359,7 +361,7 @@ def test_default_options_rebuild_the_shipped_demo_byte_for_byte(tmp_path, shared
     # The demo was converted before --image_format / --grayscale existed: with the
     # defaults, the converter must still write identical shards and dataset_info.json
     # (which records the relative --shared path, hence the chdir).
-    del shared_data  # only skips when ../shared/data is absent
+    del shared_data  # fails, naming the path, when ../shared/data is absent
     monkeypatch.chdir(REPO_ROOT)
     make_demo_data.make_hannover("../shared/data", str(tmp_path), 64)
     shipped = os.path.join(REPO_ROOT, "data", "demo", "hannover_cxr")

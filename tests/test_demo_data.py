@@ -1,7 +1,7 @@
-"""The real-image demo datasets shipped in data/demo (micle_jax/data/make_demo_data.py).
+"""The real-image demo datasets shipped in data/demo (micle_jax/data/convert/make_demo_data.py).
 
 Counts are recounted from the records with the project's own reader
-(stream_sources.RecordsSource, which parses but does not decode), and compared
+(streamed.RecordsSource, which parses but does not decode), and compared
 with ../shared/data/README.md's independent counts of the sources and with each
 dataset_info.json.
 """
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from micle_jax.data import records, sources, stream_sources
-from micle_jax.data.convert_images import ImageOptions, encode_image
-from micle_jax.data.convert_inputs import ImageSpec
+from micle_jax.data import records, shards
+from micle_jax.data.convert.images import ImageOptions, encode_image
+from micle_jax.data.convert.inputs import ImageSpec
+from micle_jax.data.sources import interface, streamed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO_ROOT, "data", "demo")
@@ -34,14 +35,14 @@ FRACTIONS = {"train": 0.7, "validation": 0.15, "test": 0.15}
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shipped_cases_images_and_splits(name):
     path = os.path.join(DEMO, name)
-    source = stream_sources.RecordsSource(path)
+    source = streamed.RecordsSource(path)
     info = source.info
-    records.verify_shards(path, info)
+    shards.verify_shards(path, info)
     num_images, num_cases, multi_image, class_names = EXPECTED[name]
     assert info.label_type == "multiclass" and info.class_names == class_names
     split_of, sizes = {}, []
     for split, entry in info.splits.items():
-        counts = source.counts(split, sources.Share())
+        counts = source.counts(split, interface.Share())
         for case_id in counts.case_ids:
             assert split_of.setdefault(case_id, split) == split, f"{case_id} in two splits"
         assert len(counts.case_ids) == len(set(counts.case_ids.tolist()))
@@ -71,7 +72,7 @@ def test_shipped_cases_images_and_splits(name):
 
 
 def _first_cases(path: str, info: records.DatasetInfo, count: int) -> list[dict]:
-    dataset = tf.data.TFRecordDataset(records.shard_paths(path, "test")).take(count)
+    dataset = tf.data.TFRecordDataset(shards.shard_paths(path, "test")).take(count)
     parse = lambda s: records.parse_case(s, info.num_classes, info.label_type)
     return list(dataset.map(parse).as_numpy_iterator())
 

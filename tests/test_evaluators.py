@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from micle_jax.evaluators import base, bootstrap, metrics
+from micle_jax.evaluators import bootstrap, metrics
 from micle_jax.evaluators.classification import classification_metrics
 from micle_jax.evaluators.knn import knn_scores
+from micle_jax.evaluators.labels import LabelMap
 from micle_jax.evaluators.linear_probe import fit_linear_probe
 from micle_jax.evaluators.multilabel import multilabel_metrics
 
@@ -20,13 +21,12 @@ def multiclass_data():
     return logits, labels
 
 
-def test_accuracy_topk_confusion_and_per_class_match_sklearn(multiclass_data):
+def test_topk_confusion_and_per_class_match_sklearn(multiclass_data):
     logits, labels = multiclass_data
     preds = logits.argmax(1)
-    assert metrics.accuracy(logits, labels) == pytest.approx(skm.accuracy_score(labels, preds))
     for k in (1, 3, 5):
         expected = skm.top_k_accuracy_score(labels, logits, k=k, labels=range(6))
-        assert metrics.accuracy(logits, labels, k=k) == pytest.approx(expected)
+        assert np.mean(metrics.topk_correct(logits, labels, k)) == pytest.approx(expected)
     np.testing.assert_array_equal(
         metrics.confusion_matrix(labels, preds, 6), skm.confusion_matrix(labels, preds)
     )
@@ -37,8 +37,34 @@ def test_accuracy_topk_confusion_and_per_class_match_sklearn(multiclass_data):
     # Weights are example counts: weight 2 == the example twice, 0 == absent.
     w = np.random.default_rng(1).integers(0, 3, len(labels))
     rep = np.repeat(np.arange(len(labels)), w)
-    assert metrics.accuracy(logits, labels, w) == pytest.approx(
-        skm.accuracy_score(labels[rep], preds[rep])
+    np.testing.assert_allclose(
+        metrics.per_class_accuracy(logits, labels, w),
+        skm.recall_score(labels[rep], preds[rep], average=None),
+    )
+    names = [f"c{i}" for i in range(6)]
+    out = classification_metrics(logits, labels, np.arange(len(labels)), names, w, (3,), 0)
+    assert out.get("accuracy") == pytest.approx(skm.accuracy_score(labels[rep], preds[rep]))
+    assert out.get("top3") == pytest.approx(
+        skm.top_k_accuracy_score(labels[rep], logits[rep], k=3, labels=range(6))
+    )
+
+
+def test_per_class_accuracy_leaves_classes_without_images_out():
+    """An empty class (no label, or only weight-0 images) is NaN, never 0: no row."""
+    labels = np.array([0, 0, 1, 1, 1])
+    logits = np.zeros((5, 4), np.float32)  # all ties: argmax predicts class 0
+    logits[2, 1] = 1.0
+    weights = np.array([1, 1, 1, 2, 0])
+    np.testing.assert_array_equal(
+        metrics.per_class_accuracy(logits, labels, weights), [1.0, 1 / 3, np.nan, np.nan]
+    )
+    names = ["a", "b", "c", "d"]
+    out = classification_metrics(logits, labels, np.arange(5), names, weights, (), 0)
+    assert out.get("per_class_accuracy/a") == 1.0
+    assert out.get("per_class_accuracy/b") == 1 / 3
+    assert out.get("balanced_accuracy") == pytest.approx(2 / 3)
+    assert {m.name for m in out.metrics}.isdisjoint(
+        {"per_class_accuracy/c", "per_class_accuracy/d"}
     )
 
 
@@ -49,7 +75,7 @@ def test_all_equal_logits_top1_is_the_first_class_as_sklearn():
     logits = np.zeros((40, num_classes), np.float32)
     want = skm.accuracy_score(labels, np.argmax(logits, axis=1))
     assert want == 1 / num_classes
-    assert metrics.accuracy(logits, labels) == want
+    assert np.mean(metrics.topk_correct(logits, labels, 1)) == want
     names = [f"c{i}" for i in range(num_classes)]
     out = classification_metrics(logits, labels, np.arange(40), names, bootstrap_samples=0)
     assert out.get("accuracy") == want
@@ -67,12 +93,13 @@ def test_topk_with_ties_matches_sklearn(k):
         want = skm.accuracy_score(labels, np.argmax(logits, axis=1))
     else:
         want = skm.top_k_accuracy_score(labels, logits, k=k, labels=range(6))
-    assert metrics.accuracy(logits, labels, k=k) == pytest.approx(want, abs=1e-12)
+    correct = metrics.topk_correct(logits, labels, k)
+    assert np.mean(correct) == pytest.approx(want, abs=1e-12)
     w = rng.integers(0, 3, 400)
     weighted = skm.accuracy_score(labels, np.argmax(logits, axis=1), sample_weight=w)
     if k > 1:
         weighted = skm.top_k_accuracy_score(labels, logits, k=k, labels=range(6), sample_weight=w)
-    assert metrics.accuracy(logits, labels, w, k=k) == pytest.approx(weighted, abs=1e-12)
+    assert np.sum(w * correct) / np.sum(w) == pytest.approx(weighted, abs=1e-12)
 
 
 def test_roc_auc_matches_sklearn_with_ties_and_weights():
@@ -160,14 +187,14 @@ def test_multilabel_metrics_mean_of_defined_classes():
 
 
 def test_label_map_identity_shift_and_errors():
-    identity = base.LabelMap("test", "multiclass", ["a", "b"], ["a", "b"], None)
+    identity = LabelMap("test", "multiclass", ["a", "b"], ["a", "b"], None)
     np.testing.assert_array_equal(identity.multiclass(np.array([1, 0]))[0], [1, 0])
     with pytest.raises(ValueError, match="outside the class list"):
         identity.multiclass(np.array([0, 2]))
     np.testing.assert_array_equal(identity.multiclass(np.array([-1, 1]))[1], [0, 1])
     with pytest.raises(ValueError, match="differ from the model's"):
-        base.LabelMap("test", "multiclass", ["a", "c"], ["a", "b"], None)
-    shift = base.LabelMap(
+        LabelMap("test", "multiclass", ["a", "c"], ["a", "b"], None)
+    shift = LabelMap(
         "shift",
         "multilabel",
         ["Effusion", "Hernia", "Edema"],
@@ -179,10 +206,10 @@ def test_label_map_identity_shift_and_errors():
     np.testing.assert_array_equal(out, [[0, 1], [1, 0]])
     np.testing.assert_array_equal(mask, np.ones((2, 2)))
     with pytest.raises(ValueError, match=r"\['Hernia'\]"):
-        base.LabelMap("s", "multilabel", ["Edema", "Hernia"], ["Edema"], {"Edema": "Edema"})
+        LabelMap("s", "multilabel", ["Edema", "Hernia"], ["Edema"], {"Edema": "Edema"})
     with pytest.raises(ValueError, match="not model classes"):
-        base.LabelMap("s", "multilabel", ["Edema"], ["Edema"], {"Edema": "Oedema"})
-    dropped = base.LabelMap("s", "multiclass", ["x", "y"], ["y"], {"x": "", "y": "y"})
+        LabelMap("s", "multilabel", ["Edema"], ["Edema"], {"Edema": "Oedema"})
+    dropped = LabelMap("s", "multiclass", ["x", "y"], ["y"], {"x": "", "y": "y"})
     labels, keep = dropped.multiclass(np.array([0, 1, 1]))
     np.testing.assert_array_equal(keep, [0, 1, 1])
     np.testing.assert_array_equal(labels[keep > 0], [0, 0])
@@ -210,7 +237,7 @@ def test_linear_probe_learns_separable_classes():
     x_train = centers[y_train] + rng.normal(size=(150, 16))
     x_test = centers[y_test] + rng.normal(size=(60, 16))
     logits = fit_linear_probe(x_train, y_train, x_test, 3, steps=300)
-    assert metrics.accuracy(logits, y_test) > 0.95
+    assert np.mean(metrics.topk_correct(logits, y_test, 1)) > 0.95
     multi = np.eye(3)[y_train]
     logits = fit_linear_probe(x_train, multi, x_test, 3, np.ones_like(multi), steps=300)
     aucs = metrics.multilabel_auc(logits, np.eye(3)[y_test])

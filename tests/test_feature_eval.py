@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from micle_jax import checkpoint, config_lib, models, sharding
-from micle_jax.data import fractions, pipeline
-from micle_jax.evaluators import base
-from micle_jax.evaluators.data import Context, EvalData
+from micle_jax import checkpoint, models, recipes, rundir, sharding
+from micle_jax.data.stream import fractions, pipeline
+from micle_jax.evaluators.eval_data import Context, EvalData
 from micle_jax.evaluators.knn import knn_scores
 from micle_jax.evaluators.linear_probe import fit_linear_probe
-from micle_jax.trainers import feature_eval, harness, pretrain
+from micle_jax.evaluators.predictor import Predictor
+from micle_jax.task import TaskInfo
+from micle_jax.trainers import feature_eval, pretrain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 60 training cases (20 per class), 15 validation and 15 test cases.
@@ -65,9 +66,9 @@ def feature_config(init="", arch="r18x0.25", **overrides):
 def split_features(config, variables):
     """{split: Predictor outputs with 'features'} of every split, for `variables`."""
     model = models.build_model(config.model)
-    info = pipeline.get_info(config.data)
-    task = base.TaskInfo("multiclass", list(info.class_names), int(config.data.image_size))
-    ctx = Context(config, task, base.Predictor(model, sharding.make_mesh(config.mesh)))
+    info = pipeline.open_data(config.data, seed=config.seed).info
+    task = TaskInfo("multiclass", list(info.class_names), int(config.data.image_size))
+    ctx = Context(config, task, Predictor(model, sharding.make_mesh(config.mesh)))
     return {
         name: EvalData(name, {"data": {"split": name}}, ctx).predict(variables, ("features",))
         for name in ("train", "validation", "test")
@@ -141,8 +142,8 @@ def random_run(tmp_path_factory):
 def pretrained(tmp_path_factory):
     """Workdir of a 2-step tiny SimCLR pre-training run (r18x0.25, 16 px)."""
     workdir = tmp_path_factory.mktemp("pretrain")
-    config = config_lib.pretrain_config("r18x0.25")
-    config_lib.runlocal_pretrain(config)
+    config = recipes.pretrain_config("r18x0.25")
+    recipes.runlocal_pretrain(config)
     config.total_steps = 2
     config.batch_size = 8
     config.checkpoint_every_steps = 2
@@ -171,7 +172,7 @@ def _rows(rows, protocol, fraction, split):
 @pytest.mark.slow
 def test_rows_for_every_protocol_fraction_and_split_with_their_tags(random_run):
     rows = random_run["rows"]
-    assert harness.read_status(str(random_run["workdir"]))["status"] == "finished"
+    assert rundir.read_status(str(random_run["workdir"]))["status"] == "finished"
     keys = {(r["protocol"], r["label_fraction"], r["split"]) for r in rows}
     assert keys == {(p, f, s) for p in ("linear", "knn") for f in FRACTIONS for s in SPLITS}
     for protocol, key in (("linear", "l2"), ("knn", "k")):

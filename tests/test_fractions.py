@@ -5,7 +5,8 @@ import collections
 import numpy as np
 import pytest
 
-from micle_jax.data import fractions
+from micle_jax import rundir
+from micle_jax.data.stream import fractions
 
 
 def make_cases(num_cases=200, num_classes=4, seed=0):
@@ -77,6 +78,6 @@ def test_fraction_that_empties_a_class_or_the_split_is_an_error():
 
 def test_cases_file_round_trip(tmp_path):
     kept = ["p1", "p2", "p10"]
-    path = fractions.write_cases(str(tmp_path), kept)
-    assert path.endswith(fractions.CASES_FILE)
-    assert fractions.read_cases(str(tmp_path)) == kept
+    path = rundir.write_cases(str(tmp_path), kept)
+    assert path.endswith(rundir.CASES_FILE)
+    assert rundir.read_cases(str(tmp_path)) == kept

@@ -1,4 +1,4 @@
-"""Tests for micle_jax/data/geometry.py: crop boxes, crops, flips, rotations.
+"""Tests for micle_jax/data/augment/{crop_boxes,geometry}.py: crop boxes, crops, flips, rotations.
 
 Statistics use a few hundred seeds through `tf.data`; tolerances are about
 4 binomial standard deviations.
@@ -17,7 +17,7 @@ from fixtures.augment_images import (
 )
 from scipy import stats
 
-from micle_jax.data import geometry, op_base
+from micle_jax.data.augment import crop_boxes, geometry, op_base
 
 N_BOXES = 2000  # boxes per distribution compared with TensorFlow's sampler
 
@@ -58,7 +58,7 @@ def box_statistics(boxes, height, width):
 def test_crop_box_matches_tensorflows_sampler_in_distribution():
     # A non-square image, so that height and width limits differ.
     height, width = 224, 160
-    boxes = map_over_seeds(lambda s: geometry.sample_crop_box(s, height, width), n=N_BOXES)
+    boxes = map_over_seeds(lambda s: crop_boxes.sample_crop_box(s, height, width), n=N_BOXES)
     y, x, h, w = boxes.T
     assert (y >= 0).all() and (x >= 0).all()
     assert (y + h <= height).all() and (x + w <= width).all()
@@ -80,11 +80,11 @@ def test_crop_box_matches_tensorflows_sampler_in_distribution():
 
 def test_crop_box_falls_back_to_the_whole_image():
     # No box of aspect 3/4-4/3 covers 8% of a 2 x 100 image: SimCLR's crop is the whole image.
-    boxes = map_over_seeds(lambda s: geometry.sample_crop_box(s, 2, 100), n=50)
+    boxes = map_over_seeds(lambda s: crop_boxes.sample_crop_box(s, 2, 100), n=50)
     np.testing.assert_array_equal(boxes, np.tile([0, 0, 2, 100], (50, 1)))
     np.testing.assert_array_equal(tensorflow_boxes(2, 100, n=50), boxes)
     # Nor an aspect of 3-4 at >= 90% of a 60 x 90 image.
-    box = geometry.sample_crop_box(tf.constant([1, 2]), 60, 90, (0.9, 1.0), (3.0, 4.0))
+    box = crop_boxes.sample_crop_box(tf.constant([1, 2]), 60, 90, (0.9, 1.0), (3.0, 4.0))
     np.testing.assert_array_equal(box.numpy(), [0, 0, 60, 90])
     # One attempt on a 10 x 100 image succeeds about half the time (an aspect
     # >= 1 fits 10% of the area): the fallback rate is TensorFlow's.
@@ -95,7 +95,7 @@ def test_crop_box_falls_back_to_the_whole_image():
 
     ours = whole(
         map_over_seeds(
-            lambda s: geometry.sample_crop_box(s, height, width, max_attempts=1), n=N_BOXES
+            lambda s: crop_boxes.sample_crop_box(s, height, width, max_attempts=1), n=N_BOXES
         )
     )
     reference = whole(tensorflow_boxes(height, width, max_attempts=1))
@@ -109,7 +109,7 @@ def test_random_resized_crop_resizes_the_sampled_box():
     op = make_op("random_resized_crop", size=16)
     for s in range(4):
         seed = tf.constant([s, 1])
-        y, x, h, w = geometry.sample_crop_box(seed, 50, 60).numpy()
+        y, x, h, w = crop_boxes.sample_crop_box(seed, 50, 60).numpy()
         expected = tf.image.resize(image[y : y + h, x : x + w], [16, 16], method="bicubic")
         np.testing.assert_allclose(
             op(image, seed).numpy(), np.clip(expected.numpy(), 0, 1), atol=1e-6
@@ -117,7 +117,7 @@ def test_random_resized_crop_resizes_the_sampled_box():
 
 
 def test_cxr_area_range_is_configurable():
-    boxes = map_over_seeds(lambda s: geometry.sample_crop_box(s, 100, 100, (0.25, 1.0)), n=200)
+    boxes = map_over_seeds(lambda s: crop_boxes.sample_crop_box(s, 100, 100, (0.25, 1.0)), n=200)
     area = boxes[:, 2] * boxes[:, 3] / 1e4
     assert area.min() >= 0.25 * 0.97
 
@@ -210,7 +210,7 @@ def test_rotated_crop_without_rotation_is_a_bilinear_resized_crop():
     op = make_op("random_rotated_crop", size=20, max_degrees=0.0)
     for s in range(4):
         seed = tf.constant([s, 6])
-        y, x, h, w = geometry.sample_crop_box(seed, 60, 70, (0.25, 1.0)).numpy()
+        y, x, h, w = crop_boxes.sample_crop_box(seed, 60, 70, (0.25, 1.0)).numpy()
         expected = tf.image.resize(image[y : y + h, x : x + w], [20, 20], method="bilinear")
         got = op(tf.constant(image), seed).numpy()
         # Interior: the resize clamps at the box border, the transform reads past it.

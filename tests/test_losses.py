@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from micle_jax import losses
 from micle_jax.evaluators import metrics
-from micle_jax.trainers import contrastive_step, harness, supervised_step
+from micle_jax.trainers import contrastive_step, supervised_step, train_state
 
 
 def _log_softmax(x):
@@ -69,8 +69,15 @@ def test_accuracy_matches_simclr(batch):
     z2[: batch // 4] = np.random.default_rng(1).normal(size=(batch // 4, 8))
     want_loss, logits_a, labels = simclr_contrastive_loss(z1, z2, 0.1)
     want_acc = np.mean(np.argmax(logits_a[:, : len(z1)], 1) == np.argmax(labels, 1))
-    assert 0 < want_acc < 1
     loss, acc = jax.jit(losses.nt_xent_with_accuracy)(z1, z2)
+    # losses.py's accuracy itself is a fraction of hits strictly between 0 and 1
+    # (an all-right or all-wrong accuracy would match a broken reference too) ...
+    hits = float(acc) * batch
+    assert 0 < float(acc) < 1 and hits == pytest.approx(round(hits), abs=1e-4), float(acc)
+    # ... and counts the rows whose nearest view-2 projection (cosine) is their own.
+    h1 = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+    h2 = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
+    assert round(hits) == np.sum(np.argmax(h1 @ h2.T, axis=1) == np.arange(batch))
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
     np.testing.assert_allclose(float(acc), want_acc, atol=1e-7)
 
@@ -246,7 +253,7 @@ def test_training_steps_score_all_equal_logits_as_sklearn():
     labels = (np.arange(batch) % num_classes).astype(np.int32)
     variables = model.init(jax.random.key(0), images, train=False)
     tx = optax.sgd(0.1)
-    state = harness.TrainState(
+    state = train_state.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
         batch_stats=variables["batch_stats"],

@@ -417,7 +417,7 @@ def test_cifar_stem_override_wins_both_ways(sk_ratio):
     ],
 )
 def test_bad_config_values_are_named(overrides, field):
-    config = ml_collections.ConfigDict(dict(models.DEFAULTS, **overrides))
+    config = ml_collections.ConfigDict(dict(config_lib.MODEL_DEFAULTS, **overrides))
     with pytest.raises(ValueError, match=field):
         models.build_model(config)
 

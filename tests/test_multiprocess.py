@@ -19,8 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from micle_jax import checkpoint
-from micle_jax.trainers import harness
+from micle_jax import checkpoint, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "--config=tests/fixtures/tiny_pretrain.py:steps=4"
@@ -95,21 +94,46 @@ def test_two_processes_evaluate_like_one(tmp_path):
         )
 
 
-@pytest.mark.slow
-def test_two_processes_train_and_checkpoint_like_one(tmp_path):
-    one = launch(tmp_path / "one", 8)
-    out, _ = one.communicate(timeout=600)
-    assert one.returncode == 0, out[-3000:]
+def param_distance(a: dict, b: dict) -> float:
+    """Euclidean distance between two parameter trees, all arrays flattened into one vector."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in pairs)))
 
-    outs = launch_two(tmp_path / "two")
-    assert "Process 1 of 2" in outs[1]
-    assert harness.read_status(str(tmp_path / "two"))["status"] == "finished"
 
-    assert harness.read_status(str(tmp_path / "two"))["step"] == 4
-    a = checkpoint.load_variables(str(tmp_path / "one"))
-    b = checkpoint.load_variables(str(tmp_path / "two"))  # a checkpoint of 2 processes
+def check_trained_like_one(one, two, other_seed) -> None:
+    """Workdir `two` (2 processes) is a finished 4-step run like `one` (1 process).
+
+    Its checkpoint has the 1-process tree, finite; its weights differ from the
+    1-process run's (today's behaviour: other augmentation seeds and case shares;
+    bit-equality is a future issue, then this becomes == 0) but by much less than
+    `other_seed` (1 process, another seed) differs (measured 15.6 vs 51.6, ratio
+    0.30; bound 0.5): same initialisation, same number of updates, same kind of
+    batches. Does not check: equal batches or equal weights (see the module
+    docstring; the sharded update itself is checked against one device in
+    tests/test_sharding.py).
+    """
+    status = rundir.read_status(str(two))
+    assert status["status"] == "finished" and status["step"] == 4, status
+    a = checkpoint.load_variables(str(one))
+    b = checkpoint.load_variables(str(two))  # a checkpoint of 2 processes
+    c = checkpoint.load_variables(str(other_seed))
     assert jax.tree.structure(a) == jax.tree.structure(b)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(b))
-    # Both trained from the same initialisation for the same number of steps.
-    sizes = jax.tree.map(lambda x, y: float(np.linalg.norm(x - y)), a["params"], b["params"])
-    assert 0 < max(jax.tree.leaves(sizes)) < 10
+    two_vs_one = param_distance(a["params"], b["params"])
+    seed_vs_seed = param_distance(a["params"], c["params"])
+    assert 0 < two_vs_one < 0.5 * seed_vs_seed, (
+        f"distance 2 processes vs 1: {two_vs_one:.2f}; seed 1 vs seed 0: {seed_vs_seed:.2f}"
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_checkpoint_like_one(tmp_path):
+    """2 processes x 4 devices train one run, closer to 1 process than another seed is."""
+    one = launch(tmp_path / "one", 8)
+    other_seed = launch(tmp_path / "seed1", 8, ("--config.seed=1",))
+    for run in (one, other_seed):
+        out, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, out[-3000:]
+    outs = launch_two(tmp_path / "two")
+    assert "Process 1 of 2" in outs[1]
+    check_trained_like_one(tmp_path / "one", tmp_path / "two", tmp_path / "seed1")

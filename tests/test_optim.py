@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from micle_jax import config_lib, optim
+from micle_jax import config_lib, optim, recipes
 
 # Flax parameter path -> the variable name SimCLR's TF model would give it.
 SIMCLR_NAMES = {
@@ -151,8 +151,9 @@ def _grads_seq(steps=3):
 
 def test_momentum_from_the_default_config_is_simclr_nesterov_sgd():
     """SimCLR's momentum optimizer is Keras SGD(nesterov=True); the default config follows it."""
-    config = config_lib.optim_config(base_lr=0.1, weight_decay=0.0)
-    config.name = "momentum"
+    config = config_lib.optim_config(
+        name="momentum", base_lr=0.1, lr_scaling="sqrt", weight_decay=0.0
+    )
     assert optim.uses_nesterov(config)
     grads_seq = _grads_seq()
     # Constant lr: exactly optax.sgd with Nesterov, not without.
@@ -179,8 +180,8 @@ def test_momentum_from_the_default_config_is_simclr_nesterov_sgd():
 
 
 def test_lars_from_the_default_config_uses_classic_momentum():
-    """SimCLR's LARSOptimizer runs with use_nesterov=False; so does the default config."""
-    config = config_lib.optim_config(base_lr=0.075, weight_decay=1e-4)
+    """SimCLR's LARSOptimizer runs with use_nesterov=False; so does the pre-training recipe."""
+    config = recipes.pretrain_config("r50x1").optim  # lr 0.075, weight decay 1e-4
     assert config.name == "lars" and not optim.uses_nesterov(config)
     grads_seq = _grads_seq()
     got = _run(optim.make_optimizer(config, optax.constant_schedule(0.5)), grads_seq)

@@ -1,4 +1,4 @@
-"""Tests for micle_jax/data/pipeline.py: determinism, exact resume, shares, pairs, padding."""
+"""Tests of micle_jax/data/stream/pipeline.py: determinism, exact resume, shares, pairs, padding."""
 
 import itertools
 
@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from fixtures import tiny_records
 
-from micle_jax import config_lib
-from micle_jax.data import convert, convert_inputs, epochs, pairs, pipeline, records, sources
+from micle_jax import recipes
+from micle_jax.data import records
+from micle_jax.data.convert import inputs, write
+from micle_jax.data.sources import in_memory, interface, registry
+from micle_jax.data.stream import epochs, examples, pipeline
 
 # Cheap to trace but random (crop position, flip), so seeds matter in every test.
 AUGMENT = [("random_resized_crop", dict(area_range=(0.3, 1.0))), "flip_left_right"]
@@ -21,8 +24,8 @@ def data_config(source=SYNTHETIC, **overrides):
     return ml_collections.ConfigDict(fields)
 
 
-def take(cfg, num_batches, **kwargs):
-    ds = pipeline.make_dataset(cfg, **kwargs)
+def take(cfg, num_batches, *, mode, global_batch_size, seed, **kwargs):
+    ds = pipeline.open_data(cfg, seed=seed).dataset(mode, global_batch_size, **kwargs)
     return list(itertools.islice(ds.as_numpy_iterator(), num_batches))
 
 
@@ -36,7 +39,7 @@ def assert_same_batches(a, b):
 
 @pytest.fixture(scope="module")
 def table():
-    return sources.get_source(SYNTHETIC).table("train", sources.Share())
+    return registry.get_source(SYNTHETIC).table("train", interface.Share())
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +114,10 @@ def test_micle_pairs_from_records_cached_and_streamed(record_set):
     for cache in (False, True):
         cfg = data_config(record_set, cache_decoded=cache)
         check_pairs(take(cfg, 7, mode="micle", global_batch_size=2, seed=0), sizes)
-    assert pipeline.num_examples(data_config(record_set), "micle") == 7
-    assert pipeline.num_examples(data_config(record_set), "simclr") == 14
-    assert pipeline.get_info(data_config(record_set)).class_names == ["a", "b"]
+    data = pipeline.open_data(data_config(record_set), seed=0)
+    assert data.num_examples("micle") == 7
+    assert data.num_examples("simclr") == 14
+    assert data.info.class_names == ["a", "b"]
     assert records.load_info(path).splits["train"]["num_images"] == 14
 
 
@@ -122,7 +126,9 @@ def test_pick_two_is_uniform_over_ordered_pairs_of_different_images():
 
     seeds = tf.data.Dataset.range(1200).map(lambda i: tf.stack([i, tf.constant(9, tf.int64)]))
     for n in (1, 2, 3, 5):
-        got = np.array(list(seeds.map(lambda s, n=n: tf.stack(pairs.pick_two(tf.constant(n), s)))))
+        got = np.array(
+            list(seeds.map(lambda s, n=n: tf.stack(examples.pick_two(tf.constant(n), s))))
+        )
         if n == 1:
             assert (got == 0).all()  # SimCLR fallback: two views of the one image
             continue
@@ -143,7 +149,7 @@ def test_process_shares_are_disjoint_and_cover_an_epoch(tmp_path, num_shards):
     seen = []
     for index in range(2):
         n = epochs.num_units(
-            sources.get_source(source).counts("train", sources.Share(index, 2)), "simclr"
+            registry.get_source(source).counts("train", interface.Share(index, 2)), "simclr"
         )
         run = take(
             cfg, n, mode="simclr", global_batch_size=2, seed=0, process_index=index, process_count=2
@@ -173,11 +179,8 @@ def test_in_memory_shares_by_case(table):
 
 def test_eval_padding_covers_each_image_once(table):
     n = table.num_images
-    batches = list(
-        pipeline.make_dataset(
-            data_config(), mode="eval", global_batch_size=4, seed=0
-        ).as_numpy_iterator()
-    )
+    data = pipeline.open_data(data_config(), seed=0)
+    batches = list(data.dataset("eval", 4).as_numpy_iterator())
     assert len(batches) == -(-n // 4)
     mask = np.concatenate([b["mask"] for b in batches])
     ids = np.concatenate([b["image_id"] for b in batches])
@@ -186,16 +189,7 @@ def test_eval_padding_covers_each_image_once(table):
     assert (np.concatenate([b["image"] for b in batches])[mask == 0] == 0).all()
     # Two processes: the same number of batches, together every image once.
     per_process = [
-        list(
-            pipeline.make_dataset(
-                data_config(),
-                mode="eval",
-                global_batch_size=4,
-                seed=0,
-                process_index=i,
-                process_count=2,
-            ).as_numpy_iterator()
-        )
+        list(data.dataset("eval", 4, process_index=i, process_count=2).as_numpy_iterator())
         for i in range(2)
     ]
     assert len(per_process[0]) == len(per_process[1])
@@ -212,8 +206,8 @@ def test_eval_padding_covers_each_image_once(table):
 def test_supervised_multiclass_skips_unlabelled_images():
     images = np.arange(6 * 9 * 9, dtype=np.uint8).reshape(6, 9, 9)
     labels = np.array([0, -1, 1, 2, -1, 1])
-    cfg = data_config(sources.from_arrays(images, labels), augment="none")
-    assert pipeline.num_examples(cfg, "supervised") == 4
+    cfg = data_config(in_memory.from_arrays(images, labels), augment="none")
+    assert pipeline.open_data(cfg, seed=0).num_examples("supervised") == 4
     run = take(cfg, 4, mode="supervised", global_batch_size=2, seed=0)
     got = np.concatenate([b["label"] for b in run])
     assert sorted(got[:4]) == [0, 1, 1, 2] and got.dtype == np.int32
@@ -225,7 +219,7 @@ def test_supervised_multilabel_uncertain_policy(policy):
     u, m = records.UNCERTAIN, records.MISSING
     multi = np.array([[1, 0, u, m], [u, u, 1, 0], [m, 1, 0, u]], np.float32)
     images = np.zeros([3, 9, 9, 3], np.uint8)
-    cfg = data_config(sources.from_arrays(images, multi), augment="none", uncertain_policy=policy)
+    cfg = data_config(in_memory.from_arrays(images, multi), augment="none", uncertain_policy=policy)
     run = take(cfg, 1, mode="supervised", global_batch_size=3, seed=0)[0]
     order = [int(i.decode().split("-")[1]) for i in run["case_id"]]  # case id = image index
     # NumPy reference of CheXpert's U-Ignore / U-Zeros / U-Ones; blank = negative.
@@ -245,48 +239,39 @@ def test_label_fraction_keeps_whole_cases(tmp_path, streamed):
         images = [np.zeros([6, 6], np.uint8) for c in cases for _ in c["images"]]
         labels = [label for c in cases for label in c["label_class"]]
         ids = [c["case_id"] for c in cases for _ in c["images"]]
-        source = sources.from_arrays(np.stack(images), np.array(labels), ids)
+        source = in_memory.from_arrays(np.stack(images), np.array(labels), ids)
     cfg = data_config(source, label_fraction=0.5, augment="none")
-    assert pipeline.label_fraction_cases(data_config(source), seed=0) is None
-    kept = pipeline.label_fraction_cases(cfg, seed=7)
-    assert kept == pipeline.label_fraction_cases(cfg, seed=7)
-    assert kept != pipeline.label_fraction_cases(cfg, seed=8)
+    assert pipeline.open_data(data_config(source), seed=0).label_fraction_cases() is None
+    data = pipeline.open_data(cfg, seed=7)
+    kept = data.label_fraction_cases()
+    assert kept == pipeline.open_data(cfg, seed=7).label_fraction_cases()
+    assert kept != pipeline.open_data(cfg, seed=8).label_fraction_cases()
     # Stratified: 3 of the 6 cases of each class.
     assert len(kept) == 6 and sum(int(c[-1]) % 2 for c in kept) == 3
     expected = sum(n for i, n in enumerate(sizes) if f"case{i:03d}" in kept)
-    assert pipeline.num_examples(cfg, "supervised", seed=7) == expected
-    assert pipeline.num_examples(cfg, "simclr", seed=7) == sum(sizes)  # pre-training: all
+    assert data.num_examples("supervised") == expected
+    assert data.num_examples("simclr") == sum(sizes)  # pre-training: all
     run = take(cfg, expected, mode="supervised", global_batch_size=1, seed=7)
     assert sorted({b["case_id"][0].decode() for b in run}) == kept
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="shufle_buffer"):
-        pipeline.make_dataset(
-            data_config(shufle_buffer=3), mode="simclr", global_batch_size=2, seed=0
-        )
+        pipeline.open_data(data_config(shufle_buffer=3), seed=0)
+    data = pipeline.open_data(data_config(), seed=0)
     with pytest.raises(ValueError, match="mode='simclar'"):
-        pipeline.make_dataset(data_config(), mode="simclar", global_batch_size=2, seed=0)
+        data.dataset("simclar", 2)
     with pytest.raises(ValueError, match="multiple of process_count=2"):
-        pipeline.make_dataset(
-            data_config(),
-            mode="simclr",
-            global_batch_size=3,
-            seed=0,
-            process_index=0,
-            process_count=2,
-        )
+        data.dataset("simclr", 3, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="uncertain_policy"):
-        pipeline.num_examples(data_config(uncertain_policy="maybe"), "simclr")
+        pipeline.open_data(data_config(uncertain_policy="maybe"), seed=0)
     with pytest.raises(ValueError, match="unknown augment policy 'fancy'"):
-        pipeline.make_dataset(
-            data_config(augment="fancy"), mode="simclr", global_batch_size=2, seed=0
-        )
+        pipeline.open_data(data_config(augment="fancy"), seed=0)
     with pytest.raises(ValueError, match="label_fraction=1.5"):
-        pipeline.num_examples(data_config(label_fraction=1.5), "supervised")
-    unlabelled = sources.from_arrays(np.zeros([2, 4, 4], np.uint8))
+        pipeline.open_data(data_config(label_fraction=1.5), seed=0)
+    unlabelled = in_memory.from_arrays(np.zeros([2, 4, 4], np.uint8))
     with pytest.raises(ValueError, match="needs labels"):
-        pipeline.num_examples(data_config(unlabelled), "supervised")
+        pipeline.open_data(data_config(unlabelled), seed=0).num_examples("supervised")
 
 
 def test_pairs_per_epoch_counts_images_by_default_in_every_mode(record_set):
@@ -294,13 +279,14 @@ def test_pairs_per_epoch_counts_images_by_default_in_every_mode(record_set):
     draws images (simclr) or cases (micle); epoch_unit='cases' counts cases."""
     cases = [1, 2, 3, 1, 2, 3, 2]
     for mode in ("simclr", "micle"):
-        assert pipeline.pairs_per_epoch(data_config(record_set, mode=mode)) == sum(cases)
+        data = pipeline.open_data(data_config(record_set, mode=mode), seed=0)
+        assert data.pairs_per_epoch() == sum(cases)
         cfg = data_config(record_set, mode=mode, epoch_unit="cases")
-        assert pipeline.pairs_per_epoch(cfg) == len(cases)
+        assert pipeline.open_data(cfg, seed=0).pairs_per_epoch() == len(cases)
     # The micle stream itself still counts (and shuffles, and resumes over) cases.
-    assert pipeline.num_examples(data_config(record_set), "micle") == len(cases)
+    assert pipeline.open_data(data_config(record_set), seed=0).num_examples("micle") == len(cases)
     with pytest.raises(ValueError, match="epoch_unit='patients'"):
-        pipeline.pairs_per_epoch(data_config(record_set, epoch_unit="patients"))
+        pipeline.open_data(data_config(record_set, epoch_unit="patients"), seed=0)
 
 
 # --- data.augment='auto': the policy chosen by the task (the medical configs' default) ---
@@ -334,16 +320,18 @@ def medical_data(records_path, **args):
     arg = ",".join(
         [f"records={records_path}", "runlocal=True"] + [f"{k}={v}" for k, v in args.items()]
     )
-    return config_lib.medical_pretrain_config(arg, mode="micle").data
+    return recipes.medical_pretrain_config(arg, mode="micle").data
+
+
+def policy_of(cfg):
+    """(policy, why) of data.augment as the pipeline resolves it."""
+    return pipeline.open_data(cfg, seed=0).augment_policy()
 
 
 def colour_views(cfg):
     """bool [8]: which views of the first micle batch of 4 have channels that differ."""
-    batch = next(
-        pipeline.make_dataset(
-            cfg, mode="micle", global_batch_size=4, seed=0, process_index=0, process_count=1
-        ).as_numpy_iterator()
-    )
+    data = pipeline.open_data(cfg, seed=0)
+    batch = next(data.dataset("micle", 4, process_index=0, process_count=1).as_numpy_iterator())
     views = np.concatenate([batch["view1"], batch["view2"]])
     return np.abs(views[..., 0] - views[..., 1]).max(axis=(1, 2)) > 0.05
 
@@ -357,16 +345,17 @@ def test_auto_augment_trains_rgb_records_with_simclrs_colour_policy(tmp_path, ca
     assert colour_views(cfg).mean() >= 0.5
     assert "augment policy 'simclr' (auto: tiny train images are RGB" in caplog.text
     assert cfg.augment == "auto"  # the medical configs' default
-    policy, why = pipeline.resolve_augment(cfg)
+    policy, why = policy_of(cfg)
     assert policy == "simclr" and "images are RGB" in why
 
 
 def test_auto_augment_trains_gray_chest_xrays_with_the_cxr_policy(caplog):
-    cfg = medical_data(config_lib.DEMO_PRETRAIN_RECORDS)  # data/demo/hannover_cxr
-    policy, why = pipeline.resolve_augment(cfg)
+    cfg = medical_data(recipes.DEMO_PRETRAIN_RECORDS)  # data/demo/hannover_cxr
+    data = pipeline.open_data(cfg, seed=0)
+    policy, why = data.augment_policy()
     assert policy == "cxr" and "hannover_cxr train images are gray" in why
     caplog.set_level("INFO")
-    pipeline.make_dataset(cfg, mode="micle", global_batch_size=4, seed=0)
+    data.dataset("micle", 4)
     assert "augment policy 'cxr' (auto: hannover_cxr" in caplog.text
 
 
@@ -375,29 +364,27 @@ def test_recorded_modality_decides_auto_before_the_pixels(tmp_path):
     npz = tmp_path / "rgb.npz"
     images = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     np.savez(npz, train_images=images)
-    convert.convert(convert_inputs.cases_from_npz(str(npz)), str(tmp_path / "x"), modality="cxr")
+    write.convert(inputs.cases_from_npz(str(npz)), str(tmp_path / "x"), modality="cxr")
     assert records.load_info(str(tmp_path / "x")).modality == "cxr"
-    policy, why = pipeline.resolve_augment(medical_data(tmp_path / "x"))
+    policy, why = policy_of(medical_data(tmp_path / "x"))
     assert policy == "cxr" and "modality 'cxr'" in why
     rgb_record_set(tmp_path / "derm", modality="dermatology")
-    assert pipeline.resolve_augment(medical_data(tmp_path / "derm"))[0] == "simclr"
+    assert policy_of(medical_data(tmp_path / "derm"))[0] == "simclr"
     # 'other' falls back to the pixels.
     rgb_record_set(tmp_path / "other", modality="other")
-    assert pipeline.resolve_augment(medical_data(tmp_path / "other"))[0] == "simclr"
+    assert policy_of(medical_data(tmp_path / "other"))[0] == "simclr"
     # Not recorded: dataset_info.json has no modality key (older files stay identical).
     rgb_record_set(tmp_path / "plain")
     assert "modality" not in (tmp_path / "plain" / records.INFO_FILE).read_text()
-    with pytest.raises(convert_inputs.ConversionError, match="--modality='xray'"):
-        convert.convert(
-            convert_inputs.cases_from_npz(str(npz)), str(tmp_path / "y"), modality="xray"
-        )
+    with pytest.raises(inputs.ConversionError, match="--modality='xray'"):
+        write.convert(inputs.cases_from_npz(str(npz)), str(tmp_path / "y"), modality="xray")
 
 
 def test_explicit_augment_overrides_auto(tmp_path):
     path = tmp_path / "derm"
     rgb_record_set(path, modality="dermatology")
     cfg = medical_data(path, augment="cxr")
-    assert pipeline.resolve_augment(cfg) == ("cxr", "as configured")
+    assert policy_of(cfg) == ("cxr", "as configured")
     assert not colour_views(cfg).any()  # the 'cxr' policy's views are gray
 
 
@@ -405,6 +392,4 @@ def test_unknown_augment_policy_is_a_clear_error(tmp_path):
     path = tmp_path / "derm"
     rgb_record_set(path)
     with pytest.raises(ValueError, match="unknown augment policy 'simclrr'.*'auto'.*simclr"):
-        pipeline.make_dataset(
-            medical_data(path, augment="simclrr"), mode="micle", global_batch_size=4, seed=0
-        )
+        pipeline.open_data(medical_data(path, augment="simclrr"), seed=0)

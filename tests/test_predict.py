@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from micle_jax import config_lib, predict
-from micle_jax.data import records
+from micle_jax import predict, recipes
+from micle_jax.data import records, shards
 from micle_jax.trainers import finetune
 
 # Every test needs the module's fine-tuning run (about a minute on 2 CPU cores).
@@ -21,8 +21,8 @@ SYNTHETIC = "synthetic:num_cases=32,num_classes=3,image_size=24,max_images_per_c
 def run(tmp_path_factory):
     """A 2-step fine-tuning run from scratch (no evals), its workdir."""
     workdir = str(tmp_path_factory.mktemp("ft"))
-    config = config_lib.finetune_config("r18x0.25")
-    config_lib.runlocal_finetune(config)
+    config = recipes.finetune_config("r18x0.25")
+    recipes.runlocal_finetune(config)
     config.data.source = SYNTHETIC
     config.data.image_size = 16
     config.total_steps = 2
@@ -77,12 +77,12 @@ def test_files_and_records_get_the_same_preprocessing(run, images, tmp_path):
         for name, a in rgb.items()
     ]
     path = str(tmp_path / "records")
-    shards = records.write_split(path, "test", examples, num_shards=1)
+    written = shards.write_split(path, "test", examples, num_shards=1)
     info = records.DatasetInfo(
         name="new",
         label_type="multiclass",
         class_names=["class_0", "class_1", "class_2"],
-        splits={"test": records.make_split_info(shards, [1] * len(rgb))},
+        splits={"test": shards.make_split_info(written, [1] * len(rgb))},
     )
     records.write_info(path, info)
     _, from_records = predict.predict(run, records=path, split="test")

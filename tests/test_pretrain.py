@@ -14,17 +14,20 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import tensorflow as tf
 from flax import traverse_util
 
-from micle_jax import checkpoint, config_lib, models, optim, sharding
-from micle_jax.trainers import contrastive_step, harness, loop, pretrain
+from micle_jax import checkpoint, config_lib, models, optim, recipes, rundir, sharding
+from micle_jax.data.sources import synthetic
+from micle_jax.data.stream import pipeline
+from micle_jax.trainers import contrastive_step, loop, pretrain, restore, train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(mode="simclr", steps=6):
-    config = config_lib.pretrain_config("r18x0.25")
-    config_lib.runlocal_pretrain(config)
+    config = recipes.pretrain_config("r18x0.25")
+    recipes.runlocal_pretrain(config)
     config.total_steps = steps
     config.batch_size = 8
     config.data.source = "synthetic:num_cases=32,num_classes=4,image_size=32"
@@ -39,8 +42,62 @@ def final_params(workdir):
     return checkpoint.load_variables(str(workdir))["params"]
 
 
+def logged_scalars(workdir, tag: str) -> dict[int, float]:
+    """{step: value} of the scalar `tag` in a run's TensorBoard event files."""
+    values = {}
+    for path in pathlib.Path(workdir).glob("events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                if v.tag == tag:
+                    value = v.simple_value if v.HasField("simple_value") else None
+                    values[event.step] = value if value is not None else tf.make_ndarray(v.tensor)
+    return {step: float(value) for step, value in values.items()}
+
+
+def numpy_nt_xent(z1, z2, temperature):
+    """SimCLR's NT-Xent (hidden_norm, unit weights) and contrast_acc in float64 NumPy.
+
+    Written on the full [2B, 2B] similarity matrix (losses.py uses the [ab | aa]
+    blocks): each row's positive is the other view of its example, every other
+    row but itself a negative; accuracy is view 1's top-1 among the B view-2 rows.
+    """
+    h = np.concatenate([z1, z2]).astype(np.float64)
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    b = len(z1)
+    sim = h @ h.T / temperature
+    np.fill_diagonal(sim, -np.inf)
+    positive = np.r_[np.arange(b, 2 * b), np.arange(b)]
+    top = sim.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(sim - top).sum(axis=1))
+    loss = -(sim[np.arange(2 * b), positive] - log_norm).sum() / b
+    accuracy = np.mean(np.argmax(sim[:b, b:], axis=1) == np.arange(b))
+    return loss, accuracy
+
+
+def recompute_step(config, workdir, step: int):
+    """(contrastive loss, accuracy) of training step `step` + 1, outside the trainer.
+
+    The checkpoint of `step`, the pipeline's batch for step + 1, the model in
+    training mode (batch statistics) and numpy_nt_xent: no trainer code.
+    """
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+        model_config.num_classes = 4  # the linear probe on the synthetic classes
+    model = models.build_model(model_config)
+    variables = checkpoint.load_variables(str(pathlib.Path(workdir) / "checkpoints" / str(step)))
+    data = pipeline.open_data(config.data, seed=config.seed)
+    dataset = data.dataset(config.data.mode, config.batch_size, start_step=step)
+    batch = next(dataset.as_numpy_iterator())
+    images = np.concatenate([batch["view1"], batch["view2"]])
+    out, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    z1, z2 = np.split(np.asarray(out["projections"], np.float64), 2)
+    return numpy_nt_xent(z1, z2, config.loss.temperature)
+
+
 def test_pretrain_runs_logs_and_checkpoints(tmp_path):
-    last = pretrain.main(tiny_config(), str(tmp_path))
+    config = tiny_config()
+    config.log_every_steps = 1  # every step's measurements in the event files
+    last = pretrain.main(config, str(tmp_path))
     for key in (
         "loss",
         "contrastive_loss",
@@ -52,19 +109,32 @@ def test_pretrain_runs_logs_and_checkpoints(tmp_path):
         "multi_instance_fraction",
     ):
         assert key in last and np.isfinite(last[key]), key
-    assert 0.0 <= last["contrastive_acc"] <= 1.0
-    status = harness.read_status(str(tmp_path))
+    status = rundir.read_status(str(tmp_path))
     assert status["status"] == "finished" and status["step"] == 6
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3, 6]
+    # The logged loss and accuracy of step 4 are those of its batch and the weights
+    # of checkpoint 3, recomputed here (a wrong temperature, misaligned views or a
+    # wrong positive would all differ). The tiny run does not learn in 6 steps (its
+    # accuracy stays near chance, 1/8), so "above chance" would not be a check.
+    loss, accuracy = recompute_step(config, tmp_path, 3)
+    assert logged_scalars(tmp_path, "contrastive_loss")[4] == pytest.approx(loss, rel=1e-4)
+    assert logged_scalars(tmp_path, "contrastive_acc")[4] == pytest.approx(accuracy, abs=1e-6)
     assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 8
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
 
 
 def test_micle_mode_reports_multi_instance_pairs(tmp_path):
-    last = pretrain.main(tiny_config("micle", steps=2), str(tmp_path))
-    # Synthetic cases have 1..3 images: some, not all, pairs come from two images.
-    assert 0.0 < last["multi_instance_fraction"] <= 1.0
+    # 4 steps of 8 cases are one epoch of the 32 synthetic cases, each drawn once,
+    # logged as one mean: the fraction of pairs from two images is exactly the
+    # share of cases with 2 or more images (1..3 images each: some, not all).
+    config = tiny_config("micle", steps=4)
+    config.log_every_steps = 4
+    last = pretrain.main(config, str(tmp_path))
+    case_size = synthetic.make_table("train", 32, 4, 32, 3).case_size
+    expected = np.mean(case_size >= 2)
+    assert 0.0 < expected < 1.0 and len(case_size) == 4 * config.batch_size
+    assert last["multi_instance_fraction"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
@@ -83,12 +153,12 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(sharding, "host_to_global", host_to_global_then_sigterm)
     pretrain.main(tiny_config(), str(tmp_path / "resumed"))
     monkeypatch.setattr(sharding, "host_to_global", original)
-    status = harness.read_status(str(tmp_path / "resumed"))
+    status = rundir.read_status(str(tmp_path / "resumed"))
     assert status["status"] == "preempted" and status["step"] == 4
     assert checkpoint.resolve(str(tmp_path / "resumed")).parent.name == "4"
 
     pretrain.main(tiny_config(), str(tmp_path / "resumed"))  # same command again
-    assert harness.read_status(str(tmp_path / "resumed"))["status"] == "finished"
+    assert rundir.read_status(str(tmp_path / "resumed"))["status"] == "finished"
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
 
@@ -103,9 +173,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
         "nt_xent_with_accuracy",
         lambda z1, z2, t: (real(z1, z2, t)[0] * jnp.nan, real(z1, z2, t)[1]),
     )
-    with pytest.raises(harness.NonFiniteLoss, match=r"step 4.*checkpoints/3"):
+    with pytest.raises(loop.NonFiniteLoss, match=r"step 4.*checkpoints/3"):
         pretrain.main(tiny_config(steps=6), str(tmp_path))
-    assert harness.read_status(str(tmp_path))["status"] == "failed"
+    assert rundir.read_status(str(tmp_path))["status"] == "failed"
     kept = final_params(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, good, kept)
 
@@ -117,18 +187,18 @@ def test_init_checkpoint_copies_backbone_only(tmp_path, monkeypatch):
     model = models.build_model(config_lib.model_config("r18x0.25", num_classes=4))
     tx = optax.sgd(0.1)
     mesh = sharding.make_mesh(config.mesh)
-    fresh, shardings, abstract = harness.create_state(
+    fresh, shardings, abstract = train_state.create_state(
         model, tx, mesh, 16, seed=1, shard_min_size=2**22
     )
     manager = checkpoint.make_manager(str(tmp_path / "stage2"), keep=1)
-    state = harness.restore_or_init(
+    state, _ = restore.restore_or_init(
         fresh,
         abstract,
         shardings,
         manager,
         {},
         "stage1",
-        harness.weight_prefixes(ml_collections.ConfigDict(dict(init_proj_layers=1))),
+        restore.weight_prefixes(ml_collections.ConfigDict(dict(init_proj_layers=1))),
     )
     s1 = final_params(tmp_path / "stage1")
     s2 = jax.device_get(state.params)
@@ -166,7 +236,7 @@ def test_simclr_and_micle_get_the_same_steps_for_the_same_epochs(
 
     monkeypatch.setattr(optim, "make_schedule", record_schedule)
     for mode in ("simclr", "micle"):
-        config = config_lib.medical_pretrain_config("runlocal=True", mode)
+        config = recipes.medical_pretrain_config("runlocal=True", mode)
         config.total_steps, config.total_epochs = None, 2.0
         config.warmup_steps, config.warmup_epochs = None, 1.0
         if epoch_unit:  # None: the default, one pair per image
@@ -192,7 +262,7 @@ def test_pretraining_from_a_pretraining_run_starts_with_its_whole_projection_hea
     BatchNorm statistics, start where stage 1 ended; the linear probe's head starts fresh."""
     started = {}
 
-    def record_start(config, workdir, state, *args, **kwargs):
+    def record_start(run, state, *args, **kwargs):
         started["state"] = jax.device_get(state)
         return state, int(started["state"].step), {}
 
@@ -236,7 +306,7 @@ def fresh_variables(**model_overrides):
 
 
 def prefixes(init_proj_layers):
-    return harness.weight_prefixes(
+    return restore.weight_prefixes(
         ml_collections.ConfigDict(dict(init_proj_layers=init_proj_layers))
     )
 
@@ -314,5 +384,5 @@ def test_cli_smoke_run_simclr_imagenet_r50x1(tmp_path):
         "--config=configs/simclr_imagenet.py:arch=r50x1,runlocal=True", f"--workdir={tmp_path}"
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert harness.read_status(str(tmp_path))["status"] == "finished"
+    assert rundir.read_status(str(tmp_path))["status"] == "finished"
     assert "contrastive_acc" in r.stderr

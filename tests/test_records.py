@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from micle_jax.data import records
+from micle_jax.data import records, shards
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
@@ -69,12 +69,12 @@ def _write_dataset(path, label_type, num_shards=1):
                 label_multi=case["label_multi"] if label_type == "multilabel" else None,
             ).SerializeToString()
         )
-    shards = records.write_split(str(path), "train", examples, num_shards)
+    written = shards.write_split(str(path), "train", examples, num_shards)
     info = records.DatasetInfo(
         name="toy",
         label_type=label_type,
         class_names=["a", "b", "c"] if label_type != "none" else [],
-        splits={"train": records.make_split_info(shards, [len(c["images"]) for c in cases])},
+        splits={"train": shards.make_split_info(written, [len(c["images"]) for c in cases])},
     )
     records.write_info(str(path), info)
     return cases
@@ -113,7 +113,7 @@ def test_round_trip_eager_and_in_dataset_map(tmp_path, label_type):
     info = records.load_info(str(tmp_path))
     assert info.num_classes == (0 if label_type == "none" else 3)
     assert info.splits["train"]["images_per_case"] == {"1": 1, "3": 1}
-    files = records.shard_paths(str(tmp_path), "train")
+    files = shards.shard_paths(str(tmp_path), "train")
     serialized = [r.numpy() for r in tf.data.TFRecordDataset(files)]
     eager = [
         {k: v.numpy() for k, v in records.parse_case(tf.constant(s), 3, label_type).items()}
@@ -135,35 +135,46 @@ def test_write_split_round_robin_and_checksums(tmp_path):
         records.make_case_example(f"c{i}", [b"x"], [f"i{i}"], ["png"]).SerializeToString()
         for i in range(7)
     ]
-    shards = records.write_split(str(tmp_path), "validation", examples, num_shards=3)
-    assert [s["file"] for s in shards] == [f"validation-0000{i}-of-00003" for i in range(3)]
-    assert [s["num_cases"] for s in shards] == [3, 2, 2]
-    for shard in shards:
+    written = shards.write_split(str(tmp_path), "validation", examples, num_shards=3)
+    assert [s["file"] for s in written] == [f"validation-0000{i}-of-00003" for i in range(3)]
+    assert [s["num_cases"] for s in written] == [3, 2, 2]
+    for shard in written:
         data = (tmp_path / shard["file"]).read_bytes()
         assert shard["sha256"] == hashlib.sha256(data).hexdigest()
-    paths = records.shard_paths(str(tmp_path), "validation")
-    assert paths == sorted(str(tmp_path / s["file"]) for s in shards)
+    paths = shards.shard_paths(str(tmp_path), "validation")
+    assert paths == sorted(str(tmp_path / s["file"]) for s in written)
     ids = [
         records.parse_case(r, 0, "none")["case_id"].numpy().decode()
         for r in tf.data.TFRecordDataset(paths)
     ]
     assert sorted(ids) == sorted(f"c{i}" for i in range(7))
-    split = records.make_split_info(shards, [1, 2, 2, 1, 1, 5, 1])
+    split = shards.make_split_info(written, [1, 2, 2, 1, 1, 5, 1])
     assert split["num_cases"] == 7 and split["num_images"] == 13
     assert split["images_per_case"] == {"1": 4, "2": 2, "5": 1}
     info = records.DatasetInfo("t", "none", [], {"validation": split})
-    records.verify_shards(str(tmp_path), info)
-    (tmp_path / shards[1]["file"]).write_bytes(b"changed")
+    shards.verify_shards(str(tmp_path), info)
+    (tmp_path / written[1]["file"]).write_bytes(b"changed")
     with pytest.raises(ValueError, match="sha256"):
-        records.verify_shards(str(tmp_path), info)
+        shards.verify_shards(str(tmp_path), info)
+    # Over the size limit only presence is checked (hashing a pod-scale dataset in
+    # every process would take minutes); None always hashes.
+    size = sum((tmp_path / s["file"]).stat().st_size for s in written)
+    shards.verify_shards(str(tmp_path), info, max_hash_bytes=size - 1)
+    with pytest.raises(ValueError, match="sha256"):
+        shards.verify_shards(str(tmp_path), info, max_hash_bytes=size)
+    with pytest.raises(ValueError, match="sha256"):
+        shards.verify_shards(str(tmp_path), info, max_hash_bytes=None)
+    (tmp_path / written[2]["file"]).unlink()
+    with pytest.raises(ValueError, match="is missing; convert the data again"):
+        shards.verify_shards(str(tmp_path), info, max_hash_bytes=0)
 
 
 def test_shard_paths_names_available_splits(tmp_path):
-    records.write_split(str(tmp_path), "train", [b""], 1)
+    shards.write_split(str(tmp_path), "train", [b""], 1)
     with pytest.raises(ValueError, match=r"'test'.*available splits: \['train'\]"):
-        records.shard_paths(str(tmp_path), "test")
+        shards.shard_paths(str(tmp_path), "test")
     with pytest.raises(ValueError, match="micle_jax.data.convert"):
-        records.shard_paths(str(tmp_path / "nothing"), "train")
+        shards.shard_paths(str(tmp_path / "nothing"), "train")
 
 
 def test_load_info_errors_name_path_and_fix(tmp_path):

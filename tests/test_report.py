@@ -1,4 +1,4 @@
-"""Tests for micle_jax/report.py and micle_jax/report_plots.py on hand-made results files."""
+"""Tests for micle_jax/report.py, report_summary.py and report_plots.py on hand-made results."""
 
 import csv
 import io
@@ -13,7 +13,8 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from micle_jax import report
+from launch import sweep, sweep_spec
+from micle_jax import report, report_summary, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,13 +28,13 @@ def _run(root, name, stage, params, results=None, status="finished", raw=None, t
     run_file = {"name": name, "stage": stage, "params": params, "command": ["x"]}
     if tune is not None:
         run_file["tune"] = tune
-    (workdir / "sweep_run.json").write_text(json.dumps(run_file))
-    (workdir / "run_status.json").write_text(json.dumps({"status": status}))
+    (workdir / rundir.RUN_FILE).write_text(json.dumps(run_file))
+    (workdir / rundir.STATUS_FILE).write_text(json.dumps({"status": status}))
     if raw is not None:
-        (workdir / "results.json").write_text(raw)
+        (workdir / rundir.RESULTS_FILE).write_text(raw)
     elif results is not None:
         data = {"workdir": str(workdir), "config": {}, "results": results}
-        (workdir / "results.json").write_text(json.dumps(data))
+        (workdir / rundir.RESULTS_FILE).write_text(json.dumps(data))
 
 
 def _result(value, lo, hi, dataset="derm", eval_name="test", step=100):
@@ -115,12 +116,12 @@ def _find(summary, **match):
 
 def test_seed_interval_matches_scipy_t_interval():
     values = np.random.default_rng(0).normal(0.8, 0.03, size=5)
-    mean, lo, hi, std, how = report.seed_interval(values, [0] * 5, [1] * 5)
+    mean, lo, hi, std, how = report_summary.seed_interval(values, [0] * 5, [1] * 5)
     ref = scipy.stats.t.interval(0.95, df=4, loc=values.mean(), scale=scipy.stats.sem(values))
     np.testing.assert_allclose([mean, lo, hi], [values.mean(), *ref], rtol=1e-12)
     assert std == pytest.approx(values.std(ddof=1)) and how == "t over 5 seeds"
     # One run: its own bootstrap interval, the only one there is.
-    assert report.seed_interval([0.5], [0.4], [0.55])[:3] == (0.5, 0.4, 0.55)
+    assert report_summary.seed_interval([0.5], [0.4], [0.55])[:3] == (0.5, 0.4, 0.55)
 
 
 def test_report_means_and_intervals_by_hand(sweep_root, tmp_path):
@@ -149,9 +150,11 @@ def test_report_means_and_intervals_by_hand(sweep_root, tmp_path):
     assert (r["mean"], r["eval"]) == (pytest.approx(0.71), "shifted")
 
     problems = "\n".join(result["problems"])
-    assert str(sweep_root / "ft_supervised_f0.1_s0" / "results.json") + ": unreadable" in problems
     assert (
-        str(sweep_root / "ft_supervised_f0.1_s1" / "results.json") + ": missing (run running)"
+        str(sweep_root / "ft_supervised_f0.1_s0" / rundir.RESULTS_FILE) + ": unreadable" in problems
+    )
+    assert (
+        str(sweep_root / "ft_supervised_f0.1_s1" / rundir.RESULTS_FILE) + ": missing (run running)"
         in problems
     )
     assert "pre_simclr" not in problems and len(result["problems"]) == 2
@@ -161,18 +164,20 @@ def test_report_writes_table_csv_and_plots(sweep_root, tmp_path):
     out = tmp_path / "out"
     result = report.write_report(str(sweep_root), str(out))
     names = sorted(pathlib.Path(p).name for p in result["paths"])
-    assert names == [
-        "distribution_shift_accuracy.png",
-        "label_efficiency_derm_accuracy.png",
-        "results.csv",
-        "results.md",
-    ]
-    table = (out / "results.md").read_text()
+    assert names == sorted(
+        [
+            "distribution_shift_accuracy.png",
+            "label_efficiency_derm_accuracy.png",
+            report.CSV_FILE,
+            report.TABLE_FILE,
+        ]
+    )
+    table = (out / report.TABLE_FILE).read_text()
     assert "Every row: split=test, checkpoint=final" in table
     assert "| micle | 0.1 | derm | test | accuracy | 1 | 0.7500 | [0.7000, 0.7900]* |" in table
     assert "| simclr | 1 | derm_shifted | shifted | accuracy | 2 | 0.6200 |" in table
 
-    with open(out / "results.csv") as f:
+    with open(out / report.CSV_FILE) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
     row = next(r for r in rows if r["method"] == "simclr" and r["label_fraction"] == "0.1")
@@ -197,13 +202,11 @@ def test_report_cli_prints_table_and_paths(sweep_root, tmp_path):
     cmd = [sys.executable, "-m", "micle_jax.report", f"--root={sweep_root}", f"--out={tmp_path}"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     assert "| method | label_fraction |" in result.stdout
-    assert f"wrote {tmp_path / 'results.csv'}" in result.stdout
+    assert f"wrote {tmp_path / report.CSV_FILE}" in result.stdout
     assert "problem: " in result.stdout
 
 
 def test_report_of_a_local_sweep_with_the_fake_trainer(tmp_path):
-    from launch import sweep, sweep_spec
-
     fixtures = REPO / "tests" / "fixtures"
     runs = sweep_spec.expand(sweep_spec.load_sweep(str(fixtures / "tiny_sweep.py")), str(tmp_path))
     fake = [sys.executable, str(fixtures / "fake_trainer.py")]
@@ -343,8 +346,8 @@ def test_tuned_value_is_chosen_on_validation_and_only_its_test_rows_are_reported
     assert {r["tuned"] for r in rows} == {"lr=0.4"}
     assert _find(rows, metric="balanced_accuracy")["mean"] == pytest.approx(0.41)
 
-    # Secondary: the choice is listed in results.md.
-    md = (tuned_root / "report" / "results.md").read_text()
+    # Secondary: the choice is listed in the table file.
+    md = (tuned_root / report.DEFAULT_OUT / report.TABLE_FILE).read_text()
     chosen = md.split("Hyper-parameters chosen on validation:")[1]
     line = next(x for x in chosen.splitlines() if "label_fraction=0.1, method=simclr" in x)
     assert "lr=0.1 by mean validation/balanced_accuracy" in line
@@ -426,7 +429,7 @@ def test_entry_tags_give_separate_summary_rows_and_csv_columns(feature_root):
             )
             assert (r["n"], r["checkpoint"]) == (2, "frozen")
             assert r["mean"] == pytest.approx(base + 0.2 * fraction + 0.005)
-    with open(feature_root / "report" / "results.csv") as f:
+    with open(feature_root / report.DEFAULT_OUT / report.CSV_FILE) as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     columns = set(reader.fieldnames)

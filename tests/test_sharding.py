@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from micle_jax import config_lib, models, optim, sharding
-from micle_jax.trainers import contrastive_step, harness
+from micle_jax import config_lib, models, optim, recipes, sharding
+from micle_jax.trainers import contrastive_step, train_state
 
 
 def mesh_of(n, model=1):
@@ -36,10 +36,10 @@ def test_param_sharding_splits_only_large_params_on_the_model_axis():
 def one_step(n_devices, model_axis=1):
     mesh = mesh_of(n_devices, model_axis)
     model = models.build_model(config_lib.model_config("r18x0.25", num_classes=3))
-    optim_config = config_lib.pretrain_config("r18x0.25").optim
+    optim_config = recipes.pretrain_config("r18x0.25").optim
     schedule = optim.make_schedule(optim_config, 10, 2, 16)
     tx = optim.make_optimizer(optim_config, schedule)
-    state, shardings, _ = harness.create_state(model, tx, mesh, 16, 0, 1000)
+    state, shardings, _ = train_state.create_state(model, tx, mesh, 16, 0, 1000)
     step = jax.jit(
         contrastive_step.make_train_step(model, tx, schedule, 0.1, probe=True),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),

@@ -16,6 +16,7 @@ import pytest
 
 from launch import sweep, sweep_spec, xm_launch
 from launch.sweep_spec import Stage, product
+from micle_jax import rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAKE = [sys.executable, str(REPO / "tests" / "fixtures" / "fake_trainer.py")]
@@ -73,11 +74,11 @@ def test_local_runs_everything_in_order_then_skips_finished(tmp_path):
         calls = _invocations(run.workdir)
         # The fake trainer exits 3 ("early") if its init checkpoint had not finished.
         assert [c["outcome"] for c in calls] == ["finished"], run.name
-        info = json.loads((pathlib.Path(run.workdir) / "sweep_run.json").read_text())
+        info = json.loads((pathlib.Path(run.workdir) / rundir.RUN_FILE).read_text())
         assert info["name"] == run.name and info["stage"] == run.stage
         assert info["params"] == run.params
         assert info["command"] == run.command(FAKE)
-        assert "fake_trainer: " in (pathlib.Path(run.workdir) / "log.txt").read_text()
+        assert "fake_trainer: " in (pathlib.Path(run.workdir) / sweep.LOG_FILE).read_text()
     code, out = _run(runs, parallel=2)
     assert code == 0 and "14 finished, 0 to resume, 0 to start" in out
     assert all(len(_invocations(r.workdir)) == 1 for r in runs)
@@ -98,7 +99,7 @@ def test_progress_eta_is_mean_run_time_times_runs_left_over_parallel():
 def test_local_resumes_an_interrupted_run(tmp_path):
     runs = sweep_spec.expand(sweep_spec.load_sweep(TINY + ":crash"), str(tmp_path))
     code, out = _run(runs, parallel=2)
-    log = os.path.join(tmp_path, "pre_simclr", "log.txt")
+    log = os.path.join(tmp_path, "pre_simclr", sweep.LOG_FILE)
     assert code == 1
     assert (
         f"FAILED pre_simclr: exit code 1; last log line: 'fake_trainer: crashing at step 2'"

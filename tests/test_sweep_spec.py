@@ -1,12 +1,16 @@
 """Tests for launch/sweep_spec.py (combinators, expansion, dependency order) and the sweep files."""
 
 import importlib.util
+import io
+import json
 import pathlib
+import sys
 
 import pytest
 
-from launch import sweep_spec
+from launch import sweep, sweep_spec
 from launch.sweep_spec import Stage, chain, product, select
+from micle_jax import rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "configs" / "sweeps"
@@ -20,8 +24,8 @@ def test_product_is_cartesian_with_first_axis_slowest():
     assert runs == [{"method": m, "seed": s} for m in ("simclr", "micle") for s in (0, 1, 2)]
 
 
-def test_zip_pairs_elementwise_and_nests_in_product():
-    pairs = sweep_spec.zip(method=["supervised", "simclr"], init=["sup", "ssl"])
+def test_elementwise_pairs_values_and_nests_in_product():
+    pairs = sweep_spec.elementwise(method=["supervised", "simclr"], init=["sup", "ssl"])
     assert pairs == [{"method": "supervised", "init": "sup"}, {"method": "simclr", "init": "ssl"}]
     runs = product(pairs, seed=[0, 1])
     assert len(runs) == 4
@@ -32,7 +36,7 @@ def test_zip_pairs_elementwise_and_nests_in_product():
 
 def test_combinator_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"same length, got lengths \[2, 3\]"):
-        sweep_spec.zip(a=[1, 2], b=[1, 2, 3])
+        sweep_spec.elementwise(a=[1, 2], b=[1, 2, 3])
     with pytest.raises(TypeError, match=r"write method=\['simclr'\]"):
         product(method="simclr")
     with pytest.raises(ValueError, match="'seed' is set by two"):
@@ -197,12 +201,6 @@ def test_expand_carries_tuned_and_select_to_every_run_of_the_stage():
 
 
 def test_the_local_executor_writes_the_tuning_into_sweep_run_json(tmp_path):
-    import io
-    import json
-    import sys
-
-    from launch import sweep
-
     pre = Stage(name="pre", run_name="pre", config="c.py", runs=[{}])
     tuned = _tuned_stage(
         runs=product(method=["simclr"], lr=[0.1, 0.4], seed=[0]),
@@ -213,7 +211,7 @@ def test_the_local_executor_writes_the_tuning_into_sweep_run_json(tmp_path):
     fake = [sys.executable, str(REPO / "tests" / "fixtures" / "fake_trainer.py")]
     out = io.StringIO()
     assert sweep.run_local(runs, fake, poll_s=0.02, out=out) == 0, out.getvalue()
-    info = {r.name: json.loads((tmp_path / r.name / "sweep_run.json").read_text()) for r in runs}
+    info = {r.name: json.loads((tmp_path / r.name / rundir.RUN_FILE).read_text()) for r in runs}
     assert "tune" not in info["pre"]
     for name in ("ft_simclr_lr0.1_s0", "ft_simclr_lr0.4_s0"):
         assert info[name]["tune"] == {"params": ["lr"], "select": "validation/balanced_accuracy"}
@@ -293,8 +291,8 @@ def test_sweep_commands_fit_the_real_configs(spec):
     configs = {}
     for run in sweep_spec.expand(sweep_spec.load_sweep(f"{SWEEPS}/{spec}"), "/r"):
         path, _, arg = run.args[0].removeprefix("--config=").partition(":")
-        if not (REPO / path).exists():
-            pytest.skip(f"{path} is not written yet")
+        # A renamed or deleted config would only show when the sweep runs: fail here.
+        assert (REPO / path).is_file(), f"{run.name}: --config={path} does not exist"
         if path not in configs:
             module_spec = importlib.util.spec_from_file_location("config_under_test", REPO / path)
             configs[path] = importlib.util.module_from_spec(module_spec)

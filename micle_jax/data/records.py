@@ -22,12 +22,9 @@ docs/data_format.md describes the format and the converter
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
 import json
 import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,13 +38,15 @@ MISSING = -2.0
 LABEL_TYPES = ("none", "multiclass", "multilabel")
 SPLITS = ("train", "validation", "test")
 IMAGE_FORMATS = ("png", "jpeg")
-# What the images show, for choosing the augmentation (pipeline.resolve_augment):
+# An encoded image's first bytes, by format: how a reader tells PNG and JPEG
+# (all that image/encoded holds, and what tf.io.decode_image reads) from anything else.
+IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg"}
+# What the images show, for choosing the augmentation (stream/pipeline.py Data.augment_policy):
 # '' = not recorded (datasets converted before the field existed).
 MODALITIES = ("cxr", "dermatology", "other")
 INFO_FILE = "dataset_info.json"
 
-_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
-_HINT = "write one with `python -m micle_jax.data.convert` (see docs/data_format.md)"
+CONVERT_HINT = "write one with `python -m micle_jax.data.convert` (see docs/data_format.md)"
 
 
 @dataclasses.dataclass
@@ -103,11 +102,11 @@ def load_info(path: str) -> DatasetInfo:
       ValueError: the JSON is corrupt or does not describe a dataset.
     """
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset folder {path!r} does not exist; {_HINT}")
+        raise FileNotFoundError(f"dataset folder {path!r} does not exist; {CONVERT_HINT}")
     info_path = os.path.join(path, INFO_FILE)
     if not os.path.isfile(info_path):
         raise FileNotFoundError(
-            f"{info_path!r} not found: {path!r} is not a converted dataset; {_HINT}"
+            f"{info_path!r} not found: {path!r} is not a converted dataset; {CONVERT_HINT}"
         )
     try:
         with open(info_path) as f:
@@ -116,7 +115,9 @@ def load_info(path: str) -> DatasetInfo:
         info = DatasetInfo(**{k: v for k, v in raw.items() if k in fields})
         info.check()
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{info_path!r} is corrupt ({e}); convert the data again: {_HINT}") from e
+        raise ValueError(
+            f"{info_path!r} is corrupt ({e}); convert the data again: {CONVERT_HINT}"
+        ) from e
     return info
 
 
@@ -130,24 +131,6 @@ def write_info(path: str, info: DatasetInfo) -> None:
     with open(os.path.join(path, INFO_FILE), "w") as f:
         json.dump(fields, f, indent=2)
         f.write("\n")
-
-
-def shard_paths(path: str, split: str) -> list[str]:
-    """Sorted shard file paths of one split.
-
-    Raises:
-      ValueError: no shard of `split` exists; the message lists the splits present.
-    """
-    found = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*-of-*")))
-    found = [p for p in found if _SHARD_RE.match(os.path.basename(p))]
-    if not found:
-        names = os.listdir(path) if os.path.isdir(path) else []
-        present = sorted({m["split"] for m in map(_SHARD_RE.match, names) if m})
-        raise ValueError(
-            f"no shards of split {split!r} in {path!r}; available splits: {present or 'none'}"
-            + ("" if present else f"; {_HINT}")
-        )
-    return found
 
 
 def _bytes_feature(values: Sequence[bytes]) -> tf.train.Feature:
@@ -278,74 +261,3 @@ def parse_case(serialized: tf.Tensor, num_classes: int, label_type: str) -> dict
         "label_class": tf.cast(dense["label/class"], tf.int32),
         "label_multi": label_multi,
     }
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_split(
-    path: str, split: str, examples: Iterable[bytes], num_shards: int
-) -> list[dict[str, Any]]:
-    """Writes serialized cases round-robin into `num_shards` shards of `split`.
-
-    Round-robin keeps shard sizes within one case of each other, so every host
-    of a multi-host job reads about the same amount. A shard may be empty when
-    there are fewer cases than shards.
-
-    Returns:
-      One dict per shard: {"file": basename, "num_cases": int, "sha256": hex}.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}")
-    if num_shards < 1:
-        raise ValueError(f"num_shards={num_shards} must be >= 1")
-    os.makedirs(path, exist_ok=True)
-    names = [f"{split}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
-    counts = [0] * num_shards
-    writers = [tf.io.TFRecordWriter(os.path.join(path, name)) for name in names]
-    try:
-        for i, example in enumerate(examples):
-            writers[i % num_shards].write(example)
-            counts[i % num_shards] += 1
-    finally:
-        for writer in writers:
-            writer.close()
-    return [
-        {"file": name, "num_cases": count, "sha256": file_sha256(os.path.join(path, name))}
-        for name, count in zip(names, counts, strict=True)
-    ]
-
-
-def make_split_info(shards: list[dict[str, Any]], images_per_case: Sequence[int]) -> dict:
-    """The `splits[split]` entry of DatasetInfo.
-
-    Args:
-      shards: what `write_split` returned.
-      images_per_case: the number of images of every case written, in any order.
-    """
-    if sum(s["num_cases"] for s in shards) != len(images_per_case):
-        raise ValueError("shards and images_per_case count different numbers of cases")
-    values, counts = np.unique(np.asarray(images_per_case, np.int64), return_counts=True)
-    return {
-        "num_cases": len(images_per_case),
-        "num_images": int(np.sum(images_per_case)),
-        "images_per_case": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
-        "shards": shards,
-    }
-
-
-def verify_shards(path: str, info: DatasetInfo) -> None:
-    """Raises ValueError if a shard is missing or its SHA-256 differs from `info`."""
-    for split, entry in info.splits.items():
-        for shard in entry["shards"]:
-            file = os.path.join(path, shard["file"])
-            if not os.path.isfile(file):
-                raise ValueError(f"split {split!r}: shard {file!r} is missing")
-            if file_sha256(file) != shard["sha256"]:
-                raise ValueError(f"split {split!r}: shard {file!r} fails its sha256 check")

@@ -26,12 +26,15 @@ from collections.abc import Mapping
 import ml_collections
 from absl import logging
 
-from micle_jax.evaluators import base
+from micle_jax.evaluators.base import Evaluator
 from micle_jax.evaluators.classification import ClassificationEvaluator
-from micle_jax.evaluators.data import Context
+from micle_jax.evaluators.eval_data import Context
 from micle_jax.evaluators.knn import KnnEvaluator
 from micle_jax.evaluators.linear_probe import LinearProbeEvaluator
 from micle_jax.evaluators.multilabel import MultilabelEvaluator
+from micle_jax.evaluators.outputs import EvalOutput, metric_rows
+from micle_jax.evaluators.predictor import Predictor
+from micle_jax.task import TaskInfo
 
 TYPES = {
     "classification": ClassificationEvaluator,
@@ -42,8 +45,8 @@ TYPES = {
 
 
 def build_evaluators(
-    config: ml_collections.ConfigDict, task: base.TaskInfo | None, model, mesh
-) -> dict[str, base.Evaluator]:
+    config: ml_collections.ConfigDict, task: TaskInfo | None, model, mesh
+) -> dict[str, Evaluator]:
     """Builds (and so checks) every entry of config.evals, in name order.
 
     Args:
@@ -56,7 +59,7 @@ def build_evaluators(
       {name: evaluator}.
     """
     evals = config.get("evals") or {}
-    ctx = Context(config=config, task=task, predictor=base.Predictor(model, mesh))
+    ctx = Context(config=config, task=task, predictor=Predictor(model, mesh))
     built = {}
     for name in sorted(evals):
         entry = evals[name]
@@ -80,12 +83,12 @@ def build_evaluators(
 
 
 def run_evaluators(
-    evaluators: Mapping[str, base.Evaluator],
+    evaluators: Mapping[str, Evaluator],
     variables: Mapping,
     step: int,
     checkpoint: str = "final",
     names=None,
-) -> tuple[dict[str, base.EvalOutput], list[dict], dict]:
+) -> tuple[dict[str, EvalOutput], list[dict], dict]:
     """Runs evaluators on one set of variables.
 
     Args:
@@ -107,12 +110,12 @@ def run_evaluators(
         summary = ", ".join(f"{m.name}={m.value:.4f}" for m in output.metrics[:4])
         logging.info("Eval %s (%s, step %d): %s", name, checkpoint, step, summary)
         if evaluator.in_results:
-            rows += base.metric_rows(output, evaluator, step, checkpoint)
+            rows += metric_rows(output, evaluator, step, checkpoint)
             artifacts[f"{name}/{checkpoint}"] = output.artifacts
     return outputs, rows, artifacts
 
 
-def scalars(outputs: Mapping[str, base.EvalOutput], prefix: str = "") -> dict[str, float]:
+def scalars(outputs: Mapping[str, EvalOutput], prefix: str = "") -> dict[str, float]:
     """TensorBoard scalars {'<prefix><eval>/<metric>': value} of some eval outputs."""
     return {
         f"{prefix}{name}/{m.name}": float(m.value)

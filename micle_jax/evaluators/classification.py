@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from micle_jax.evaluators import base, bootstrap, metrics
-from micle_jax.evaluators.data import Context, EvaluatorFields
+from micle_jax.evaluators import bootstrap, metrics
+from micle_jax.evaluators.base import EvaluatorFields
+from micle_jax.evaluators.eval_data import Context
+from micle_jax.evaluators.outputs import EvalOutput, Metric
 
 EXTRA_FIELDS = ("bootstrap_samples", "topk")
 DEFAULT_TOPK = (3, 5)
@@ -30,7 +32,7 @@ def classification_metrics(
     topk: Sequence[int] = DEFAULT_TOPK,
     bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
     seed: int = 0,
-) -> base.EvalOutput:
+) -> EvalOutput:
     """Multiclass metrics with case-bootstrap confidence intervals.
 
     Args:
@@ -70,14 +72,11 @@ def classification_metrics(
         w = w * base_w
         total = w.sum()
         accs = [np.sum(w * c) / total if total > 0 else np.nan for c in correct]
-        matrix = metrics.confusion_matrix(labels, predictions, num_classes, w)
-        rows = matrix.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_class = np.where(rows > 0, np.diag(matrix) / np.where(rows > 0, rows, 1), np.nan)
+        per_class = metrics.per_class_accuracy(logits, labels, w)  # NaN: a class without images
         # balanced accuracy: sklearn's balanced_accuracy_score, the mean recall of
         # the classes present; auc_mean: roc_auc_score(multi_class='ovr',
         # average='macro') over the classes with positives and negatives.
-        balanced = np.nanmean(per_class) if np.any(rows > 0) else np.nan
+        balanced = np.nanmean(per_class) if not np.all(np.isnan(per_class)) else np.nan
         aucs = [metrics.roc_auc(probs[:, c], labels == c, w) for c in range(num_classes)]
         auc_mean = np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan
         return np.concatenate([accs, [balanced, auc_mean], per_class])
@@ -87,7 +86,7 @@ def classification_metrics(
     names = ["accuracy"] + [f"top{k}" for k in ks] + ["balanced_accuracy", "auc_mean"]
     names += [f"per_class_accuracy/{c}" for c in class_names]
     result = [
-        base.Metric(n, float(v), float(lo), float(hi))
+        Metric(n, float(v), float(lo), float(hi))
         for n, v, lo, hi in zip(names, values, low, high, strict=True)
         if not np.isnan(v)
     ]
@@ -99,7 +98,7 @@ def classification_metrics(
         "num_images": int(keep.sum()),
         "num_cases": len(set(np.asarray(case_ids, dtype=object)[keep].tolist())),
     }
-    return base.EvalOutput(result, artifacts)
+    return EvalOutput(result, artifacts)
 
 
 class ClassificationEvaluator(EvaluatorFields):
@@ -111,7 +110,7 @@ class ClassificationEvaluator(EvaluatorFields):
         self.topk = tuple(entry.get("topk") or DEFAULT_TOPK)
         self.class_names = list(ctx.task.class_names)
 
-    def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
+    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
         """Predicts the split and computes the metrics (`classification_metrics`)."""
         pred = self.data.predict(variables, ("logits",))
         labels, keep = self.label_map.multiclass(pred["label"])

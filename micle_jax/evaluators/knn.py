@@ -18,9 +18,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from micle_jax.evaluators import base
+from micle_jax.evaluators.base import EvaluatorFields
 from micle_jax.evaluators.classification import classification_metrics
-from micle_jax.evaluators.data import Context, EvaluatorFields
+from micle_jax.evaluators.eval_data import Context
+from micle_jax.evaluators.outputs import EvalOutput
 
 EXTRA_FIELDS = ("train_data", "k", "temperature", "bootstrap_samples")
 
@@ -93,7 +94,7 @@ class KnnEvaluator(EvaluatorFields):
         if self.k < 1 or self.temperature <= 0:
             raise ValueError(f"eval {name!r}: k={self.k} must be >= 1 and temperature > 0")
 
-    def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
+    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
         """k-NN accuracy of the evaluated split against the train split's features."""
         names = list(self.data.info.class_names)
         train = self.train.predict(variables, ("features",))

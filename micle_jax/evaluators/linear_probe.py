@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from micle_jax import losses
-from micle_jax.evaluators import base
+from micle_jax import losses, task
+from micle_jax.evaluators.base import EvaluatorFields
 from micle_jax.evaluators.classification import classification_metrics
-from micle_jax.evaluators.data import Context, EvaluatorFields
+from micle_jax.evaluators.eval_data import Context
 from micle_jax.evaluators.multilabel import multilabel_metrics
+from micle_jax.evaluators.outputs import EvalOutput
 
 EXTRA_FIELDS = ("train_data", "l2", "steps", "bootstrap_samples")
 
@@ -113,11 +114,11 @@ class LinearProbeEvaluator(EvaluatorFields):
 
     def __init__(self, name: str, entry: Mapping, ctx: Context):
         super().__init__(name, entry, ctx, EXTRA_FIELDS, default_samples=0)
-        self.train = self.train_data(entry, ctx, base.LABEL_TYPES, "linear probe")
+        self.train = self.train_data(entry, ctx, task.LABEL_TYPES, "linear probe")
         self.l2 = float(entry.get("l2", 1e-4))
         self.steps = int(entry.get("steps", 300))
 
-    def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
+    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
         """Fits on the train split's features, evaluates on `data`."""
         names = list(self.data.info.class_names)
         train = self.train.predict(variables, ("features",))

@@ -60,23 +60,6 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return losses.topk_correct(scores, labels, int(k)) > 0
 
 
-def accuracy(
-    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, k: int = 1
-) -> float:
-    """Weighted top-k accuracy.
-
-    Args:
-      scores: [n, classes]; labels: [n] ints; weights: [n] or None; k: top-k.
-
-    Returns:
-      sum(w * correct) / sum(w); NaN when the weights sum to 0.
-    """
-    w = _weights(weights, len(labels))
-    if w.sum() <= 0:
-        return float("nan")
-    return float(np.sum(w * topk_correct(scores, labels, k)) / w.sum())
-
-
 def confusion_matrix(
     labels: np.ndarray, predictions: np.ndarray, num_classes: int, weights=None
 ) -> np.ndarray:

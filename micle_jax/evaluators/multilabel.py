@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from micle_jax.evaluators import base, bootstrap, metrics
-from micle_jax.evaluators.data import Context, EvaluatorFields
+from micle_jax.evaluators import bootstrap, metrics
+from micle_jax.evaluators.base import EvaluatorFields
+from micle_jax.evaluators.eval_data import Context
+from micle_jax.evaluators.outputs import EvalOutput, Metric
 
 EXTRA_FIELDS = ("bootstrap_samples",)
 
@@ -31,7 +33,7 @@ def multilabel_metrics(
     class_names: Sequence[str],
     bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
     seed: int = 0,
-) -> base.EvalOutput:
+) -> EvalOutput:
     """Per-class ROC AUC and their mean, with case-bootstrap intervals.
 
     Args:
@@ -66,7 +68,7 @@ def multilabel_metrics(
     low, high = bootstrap.confidence_interval(compute, case_ids, bootstrap_samples, seed)
     names = [f"auc/{c}" for c in class_names] + ["auc_mean"]
     result = [
-        base.Metric(n, float(v), float(lo), float(hi))
+        Metric(n, float(v), float(lo), float(hi))
         for n, v, lo, hi in zip(names, values, low, high, strict=True)
         if not np.isnan(v)
     ]
@@ -77,7 +79,7 @@ def multilabel_metrics(
         "positives": (np.asarray(targets) * mask).sum(axis=0).astype(int).tolist(),
         "labelled": mask.sum(axis=0).astype(int).tolist(),
     }
-    return base.EvalOutput(result, artifacts)
+    return EvalOutput(result, artifacts)
 
 
 class MultilabelEvaluator(EvaluatorFields):
@@ -88,7 +90,7 @@ class MultilabelEvaluator(EvaluatorFields):
         self.label_map = self.data.check_labels("multilabel", entry.get("label_map"))
         self.class_names = list(ctx.task.class_names)
 
-    def evaluate(self, variables: Mapping, step: int) -> base.EvalOutput:
+    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
         """Predicts the split and computes the metrics (`multilabel_metrics`)."""
         pred = self.data.predict(variables, ("logits",))
         if "label_mask" not in pred:

@@ -7,7 +7,7 @@ Usage (a trainer):
     out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
     out['features'], out['projections'], out['logits']  # logits iff num_classes > 0
 
-The model config fields (defaults in `get_config`, SimCLR's values):
+The model config fields (defaults: config_lib.MODEL_DEFAULTS, SimCLR's values):
   name: backbone family, one of BACKBONES ('resnet').
   depth, width, sk_ratio: the ResNet (see resnet.ResNet).
   cifar_stem: True = SimCLR's CIFAR stem (conv3x3/1, no max-pool), False = the
@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from micle_jax import config_lib
 from micle_jax.models import resnet
 from micle_jax.models.heads import LinearHead, ProjectionHead
 from micle_jax.models.resnet import ResNet, frozen_stages
@@ -55,34 +56,14 @@ __all__ = [
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# Every field of a model config, with SimCLR's defaults (google-research/simclr
-# tf2/run.py): R50 1x, 3-layer 128-d projection, BN decay 0.9 and epsilon 1e-5.
-DEFAULTS = dict(
-    name="resnet",
-    depth=50,
-    width=1.0,  # float so that overrides like 0.25 type-check in a locked ConfigDict
-    sk_ratio=0.0,
-    # None: the CIFAR stem iff the images are <= 32 px, as SimCLR; the image
-    # size is only known from the input (resnet.uses_cifar_stem).
-    cifar_stem=None,
-    proj_layers=3,
-    proj_dim=128,
-    num_classes=0,
-    head_input=0,
-    head_stop_gradient=True,
-    fine_tune_after_block=-1,
-    dtype="float32",
-    bn_momentum=0.9,
-    bn_epsilon=1e-5,
-)
-
 
 def get_config(**overrides) -> ml_collections.ConfigDict:
     """A model config with SimCLR's defaults, `overrides` applied (unknown keys: error)."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
+    defaults = config_lib.MODEL_DEFAULTS
+    unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown model config fields {unknown}; accepted: {sorted(DEFAULTS)}")
-    return ml_collections.ConfigDict({**DEFAULTS, **overrides})
+        raise ValueError(f"unknown model config fields {unknown}; accepted: {sorted(defaults)}")
+    return ml_collections.ConfigDict({**defaults, **overrides})
 
 
 def _build_resnet(config: ml_collections.ConfigDict, dtype: Any) -> nn.Module:
@@ -180,17 +161,18 @@ def _check_int(config: ml_collections.ConfigDict, field: str, low: int, high: in
 def build_model(model_config: ml_collections.ConfigDict) -> SimCLRModel:
     """Builds the model a config describes (fields: see the module docstring).
 
-    Missing fields take SimCLR's defaults (DEFAULTS); unknown fields and bad
+    Missing fields take SimCLR's defaults (config_lib.MODEL_DEFAULTS); unknown fields and bad
     values raise ValueError naming the field and the accepted values.
 
     Returns:
       A SimCLRModel with submodules `backbone`, `projection_head` and (when
       num_classes > 0) `head`; variables {'params', 'batch_stats'}.
     """
-    unknown = sorted(set(model_config) - set(DEFAULTS))
+    unknown = sorted(set(model_config) - set(config_lib.MODEL_DEFAULTS))
     if unknown:
         raise ValueError(
-            f"unknown model config fields {unknown} (misspelled?); accepted: {sorted(DEFAULTS)}"
+            f"unknown model config fields {unknown} (misspelled?); "
+            f"accepted: {sorted(config_lib.MODEL_DEFAULTS)}"
         )
     config = get_config(**dict(model_config))
     if config.name not in BACKBONES:

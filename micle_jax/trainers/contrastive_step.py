@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from micle_jax import losses
-from micle_jax.trainers import harness
+from micle_jax.trainers import train_state
 
 
 def make_train_step(model, tx, schedule, temperature: float, probe: bool):
@@ -20,7 +20,7 @@ def make_train_step(model, tx, schedule, temperature: float, probe: bool):
     of 2B, as in SimCLR, so BatchNorm sees all of them.
     """
 
-    def train_step(state: harness.TrainState, batch):
+    def train_step(state: train_state.TrainState, batch):
         def loss_fn(params):
             images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
             out, mutated = model.apply(
@@ -47,7 +47,7 @@ def make_train_step(model, tx, schedule, temperature: float, probe: bool):
                 loss = loss + probe_loss
             return loss, (mutated["batch_stats"], measurements)
 
-        new_state, measurements = harness.apply_gradients(state, tx, schedule, loss_fn)
+        new_state, measurements = train_state.apply_gradients(state, tx, schedule, loss_fn)
         measurements["multi_instance_fraction"] = jnp.mean(
             batch["multi_instance"].astype(jnp.float32)
         )

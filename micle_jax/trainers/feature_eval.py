@@ -37,14 +37,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from micle_jax import checkpoint, models, sharding
-from micle_jax.data import fractions, pipeline
-from micle_jax.evaluators import base, metrics
+from micle_jax import checkpoint, models, rundir, sharding
+from micle_jax.data.stream import fractions, pipeline
+from micle_jax.evaluators import metrics
 from micle_jax.evaluators.classification import classification_metrics
-from micle_jax.evaluators.data import Context, EvalData, eval_seed
+from micle_jax.evaluators.eval_data import Context, EvalData, eval_seed
 from micle_jax.evaluators.knn import knn_scores, vote_log_shares
 from micle_jax.evaluators.linear_probe import fit_linear_probe
-from micle_jax.trainers import harness
+from micle_jax.evaluators.predictor import Predictor
+from micle_jax.task import TaskInfo
 
 PROTOCOLS = ("linear", "knn")
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "auc_mean")
@@ -119,22 +120,22 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates frozen features; writes WORKDIR/results.json; returns the test metrics."""
     # --- Set-up: everything is validated before anything is written. ---
     check_config(config)
-    workdir = harness.check_workdir(workdir)
+    workdir = rundir.check_workdir(workdir)
     mesh = sharding.make_mesh(config.mesh)
-    info = pipeline.get_info(config.data)
+    info = pipeline.open_data(config.data, seed=config.seed).info
     if info.label_type != "multiclass":
         raise ValueError(
             f"feature evaluation needs multiclass labels; {config.data.source} has "
             f"label_type {info.label_type!r}"
         )
-    task = base.TaskInfo(
+    task = TaskInfo(
         label_type="multiclass",
         class_names=list(info.class_names),
         image_size=int(config.data.image_size),
         dataset=getattr(info, "name", "") or str(config.data.source),
     )
     model = models.build_model(config.model)
-    ctx = Context(config=config, task=task, predictor=base.Predictor(model, mesh))
+    ctx = Context(config=config, task=task, predictor=Predictor(model, mesh))
     splits = {
         name: EvalData(name, {"data": {"split": split}}, ctx)
         for name, split in config.splits.items()
@@ -145,15 +146,43 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shardings = sharding.tree_shardings(variables, mesh, config.mesh.shard_min_size)
     variables = jax.device_put(variables, shardings)
     logging.info("Frozen features from %s", where)
-    feats = {name: data.predict(variables, ("features",)) for name, data in splits.items()}
-    for name, f in feats.items():
-        if np.any(f["label"] < 0):
-            keep = f["label"] >= 0
-            feats[name] = {k: v[keep] for k, v in f.items()}
-    train, val, test = feats["train"], feats["validation"], feats["test"]
-    num_classes = task.num_classes
+    feats = {
+        name: _labelled(data.predict(variables, ("features",))) for name, data in splits.items()
+    }
     # Every fraction's training cases, before anything is written: a fraction
     # that leaves a class without a case is a config error, not a failed run.
+    kept_cases = _kept_cases(config, feats["train"], task.class_names)
+    rundir.write_status(workdir, "running", step=0)
+
+    # --- Every label fraction x protocol: choose on validation, report both splits. ---
+    rows, summary = [], {}
+    for fraction in config.label_fractions:
+        kept = kept_cases[fraction]
+        for protocol in config.protocols:
+            new_rows = _evaluate_protocol(config, protocol, fraction, kept, feats, splits, task)
+            rows += new_rows
+            for r in new_rows:
+                if r["eval"] == f"{protocol}_test":
+                    summary[f"{protocol}/{fraction:g}/{r['metric']}"] = r["value"]
+
+    # --- Results. ---
+    os.makedirs(workdir, exist_ok=True)
+    path = rundir.write_results(workdir, config, rows)
+    rundir.write_status(workdir, "finished", step=0, results=path)
+    logging.info("Feature evaluation done; results in %s", path)
+    return summary
+
+
+def _labelled(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The images of a split's features that have a label (label >= 0)."""
+    if np.any(features["label"] < 0):
+        keep = features["label"] >= 0
+        return {k: v[keep] for k, v in features.items()}
+    return features
+
+
+def _kept_cases(config, train: dict, class_names) -> dict[float, set[str]]:
+    """{fraction: the training cases it keeps} for every config.label_fractions."""
     kept_cases = {}
     for fraction in config.label_fractions:
         try:
@@ -164,102 +193,97 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     float(fraction),
                     config.seed,
                     stratify=True,
-                    class_names=task.class_names,
+                    class_names=class_names,
                 )
             )
         except ValueError as e:
             raise ValueError(f"config.label_fractions has {fraction!r}: {e}") from e
-    harness.write_status(workdir, "running", step=0)
+    return kept_cases
 
-    # --- Every label fraction x protocol: choose on validation, report both splits. ---
-    rows, summary = [], {}
-    for fraction in config.label_fractions:
-        kept = kept_cases[fraction]
-        sub = np.array([c in kept for c in train["case_id"]])
-        x, y = train["features"][sub], train["label"][sub]
-        for protocol in config.protocols:
-            if protocol == "linear":
-                grid, key = list(config.linear.l2_grid), "l2"
 
-                def score(value, feats_eval, x=x, y=y):
-                    return fit_linear_probe(
-                        x,
-                        y,
-                        feats_eval,
-                        num_classes,
-                        l2=value,
-                        steps=config.linear.steps,
-                        balanced=config.linear.balanced,
-                    )
-            else:
-                grid, key = list(config.knn.k_grid), "k"
+def _scorer(config, protocol: str, x: np.ndarray, y: np.ndarray, num_classes: int):
+    """(grid, hyper-parameter name, (value, features [n, d]) -> class scores [n, C])."""
+    if protocol == "linear":
 
-                def score(value, feats_eval, x=x, y=y):
-                    # Log vote shares, not the raw votes (up to exp(1/0.07) each): the
-                    # metrics' softmax of raw votes is one-hot, and its AUC that of
-                    # the hard predictions.
-                    return vote_log_shares(
-                        knn_scores(
-                            x, y, feats_eval, num_classes, int(value), config.knn.temperature
-                        )
-                    )
-
-            both = np.concatenate([val["features"], test["features"]])
-            scored = {v: score(v, both) for v in grid}
-            choice = {
-                v: select_value(config.select_metric, s[: len(val["label"])], val["label"])
-                for v, s in scored.items()
-            }
-            best = max(grid, key=lambda v: (choice[v], -grid.index(v)))
-            logging.info(
-                "%s, %g of the labels (%d cases, %d images): validation %s by %s: %s -> %s=%g",
-                protocol,
-                fraction,
-                len(kept),
-                int(sub.sum()),
-                config.select_metric,
-                key,
-                ", ".join(f"{v:g}: {choice[v]:.4f}" for v in grid),
-                key,
-                best,
+        def score(value, feats_eval):
+            return fit_linear_probe(
+                x,
+                y,
+                feats_eval,
+                num_classes,
+                l2=value,
+                steps=config.linear.steps,
+                balanced=config.linear.balanced,
             )
-            for split_name, part, scores in (
-                ("validation", val, scored[best][: len(val["label"])]),
-                ("test", test, scored[best][len(val["label"]) :]),
-            ):
-                name = f"{protocol}_{split_name}"
-                output = classification_metrics(
-                    scores,
-                    part["label"],
-                    part["case_id"],
-                    task.class_names,
-                    topk=(),
-                    bootstrap_samples=config.bootstrap_samples,
-                    seed=eval_seed(config, f"{name}/{fraction}"),
-                )
-                for m in output.metrics:
-                    rows.append(
-                        {
-                            "eval": name,
-                            "metric": m.name,
-                            "value": float(m.value),
-                            "ci_low": float(m.ci_low),
-                            "ci_high": float(m.ci_high),
-                            "split": splits[split_name].split,
-                            "dataset": task.dataset,
-                            "step": 0,
-                            "checkpoint": "frozen",
-                            "protocol": protocol,
-                            "label_fraction": float(fraction),
-                            key: float(best),
-                        }
-                    )
-                    if split_name == "test":
-                        summary[f"{protocol}/{fraction:g}/{m.name}"] = float(m.value)
 
-    # --- Results. ---
-    os.makedirs(workdir, exist_ok=True)
-    path = base.write_results(workdir, config, rows)
-    harness.write_status(workdir, "finished", step=0, results=path)
-    logging.info("Feature evaluation done; results in %s", path)
-    return summary
+        return list(config.linear.l2_grid), "l2", score
+
+    def score(value, feats_eval):
+        # Log vote shares, not the raw votes (up to exp(1/0.07) each): the
+        # metrics' softmax of raw votes is one-hot, and its AUC that of
+        # the hard predictions.
+        return vote_log_shares(
+            knn_scores(x, y, feats_eval, num_classes, int(value), config.knn.temperature)
+        )
+
+    return list(config.knn.k_grid), "k", score
+
+
+def _evaluate_protocol(config, protocol, fraction, kept, feats, splits, task) -> list[dict]:
+    """One protocol on one label fraction: choose on validation, rows for both splits."""
+    train, val, test = feats["train"], feats["validation"], feats["test"]
+    sub = np.array([c in kept for c in train["case_id"]])
+    x, y = train["features"][sub], train["label"][sub]
+    grid, key, score = _scorer(config, protocol, x, y, task.num_classes)
+    both = np.concatenate([val["features"], test["features"]])
+    scored = {v: score(v, both) for v in grid}
+    choice = {
+        v: select_value(config.select_metric, s[: len(val["label"])], val["label"])
+        for v, s in scored.items()
+    }
+    best = max(grid, key=lambda v: (choice[v], -grid.index(v)))
+    logging.info(
+        "%s, %g of the labels (%d cases, %d images): validation %s by %s: %s -> %s=%g",
+        protocol,
+        fraction,
+        len(kept),
+        int(sub.sum()),
+        config.select_metric,
+        key,
+        ", ".join(f"{v:g}: {choice[v]:.4f}" for v in grid),
+        key,
+        best,
+    )
+    rows = []
+    for split_name, part, scores in (
+        ("validation", val, scored[best][: len(val["label"])]),
+        ("test", test, scored[best][len(val["label"]) :]),
+    ):
+        name = f"{protocol}_{split_name}"
+        output = classification_metrics(
+            scores,
+            part["label"],
+            part["case_id"],
+            task.class_names,
+            topk=(),
+            bootstrap_samples=config.bootstrap_samples,
+            seed=eval_seed(config, f"{name}/{fraction}"),
+        )
+        for m in output.metrics:
+            rows.append(
+                {
+                    "eval": name,
+                    "metric": m.name,
+                    "value": float(m.value),
+                    "ci_low": float(m.ci_low),
+                    "ci_high": float(m.ci_high),
+                    "split": splits[split_name].split,
+                    "dataset": task.dataset,
+                    "step": 0,
+                    "checkpoint": "frozen",
+                    "protocol": protocol,
+                    "label_fraction": float(fraction),
+                    key: float(best),
+                }
+            )
+    return rows

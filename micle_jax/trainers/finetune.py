@@ -11,13 +11,14 @@ optimizer, evaluators, checkpoint restore, train loop, final evaluation.
   - Full fine-tuning (model.fine_tune_after_block=-1), fine-tuning after block
     k (k = 0..3) or linear evaluation on frozen features (4).
   - config.data.label_fraction keeps a fraction of the training cases
-    (micle_jax/data/fractions.py); their ids go to WORKDIR/label_fraction_cases.txt.
+    (micle_jax/data/stream/fractions.py); their ids go to WORKDIR/label_fraction_cases.txt.
   - config.select_best='EVAL/METRIC' keeps the checkpoint with the best value
-    of that eval (the validation split) in WORKDIR/best; at the end every eval
-    runs on the final and the best checkpoint and WORKDIR/results.json gets
-    the numbers (evaluators/base.py describes the format).
+    of that eval (the validation split) in WORKDIR/best (`BestCheckpoint`); at
+    the end every eval runs on the final and the best checkpoint and
+    WORKDIR/results.json gets the numbers (rundir.write_results describes the
+    format).
 
-`evaluate_checkpoint` is `--mode=eval`: the same evaluations on any checkpoint.
+evaluate.py is `--mode=eval`: the same evaluations on any checkpoint.
 """
 
 from __future__ import annotations
@@ -31,14 +32,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, parameter_overview
 
-from micle_jax import checkpoint, config_lib, evaluators, optim, sharding
-from micle_jax.data import fractions, pipeline
-from micle_jax.evaluators import base
-from micle_jax.trainers import harness, loop
+from micle_jax import checkpoint, config_lib, evaluators, optim, rundir, sharding
+from micle_jax import task as task_lib
+from micle_jax.data.stream import pipeline
+from micle_jax.trainers import evaluate, loop, restore, train_state
 from micle_jax.trainers import supervised_step as step_lib
-
-BEST_DIR = "best"
-CHECKPOINT_LABELS = ("final", "best")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -58,7 +56,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] <= 0:
             raise ValueError(f"config.{name}={config[name]} must be > 0")
-    n_data = jax.device_count() // config.mesh.get("model", 1)
+    n_data = jax.device_count() // config.mesh.model
     if config.batch_size % max(n_data, 1) or config.batch_size % jax.process_count():
         raise ValueError(
             f"config.batch_size={config.batch_size} must divide evenly over the "
@@ -84,141 +82,121 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def normalize_head_input(variables: dict, head_input: int) -> tuple[dict, float]:
-    """Rescales the BatchNorm of projection layer `head_input` to unit RMS scale.
+class BestCheckpoint:
+    """The checkpoint with the best value of config.select_best ('EVAL/METRIC'), in WORKDIR/best.
 
-    Why: pre-training leaves the scale of a projection layer arbitrary. Its
-    output goes through ReLU (positively homogeneous) into a bias-free Dense
-    and the next BatchNorm (or, for the last layer, the L2 normalisation of
-    NT-Xent), so multiplying its BatchNorm scale and offset by c > 0 changes
-    neither the contrastive loss nor any gradient direction, only the size of
-    the layer's output. LARS excludes BatchNorm from its trust ratio (SimCLR),
-    so those parameters take raw steps at the peak learning rate and drift
-    to large norms (in a 60-step demo run the BatchNorm norm grew 4.5x). The
-    fine-tuning head reads this layer (SimCLR's ft_proj_selector), and its
-    effective learning rate grows with the squared norm of its input: a
-    zero-initialised head on an inflated layer overshoots (training loss
-    3.7-3.9 at the first log, 0.69 from scratch). Fixing the free scale at its
-    initial value (RMS of the BatchNorm scale = 1, as BatchNorm is
-    initialised) makes fine-tuning from any pre-trained run start like one
-    from scratch, and leaves the pre-trained function unchanged up to that
-    scale: the next layer's running mean and variance are rescaled with it.
+    `offer` is the train loop's on_eval; a checkpoint is kept when its value is
+    finite and higher than the kept one's (saved with `meta` and its value, so
+    a resumed run knows what to beat). Keeps nothing when select_best is ''.
 
-    Args:
-      variables: {'params', 'batch_stats'} host trees after the init checkpoint
-        was merged in.
-      head_input: the layer the head reads (0 = backbone features: untouched).
-
-    Returns:
-      (variables, c): the rescaled variables and the factor applied (1.0 when
-      there is nothing to rescale).
+    Attributes:
+      step, value: those of the kept checkpoint; None and -inf before one.
     """
-    if head_input < 1:
-        return variables, 1.0
-    params = variables["params"].get("projection_head", {})
-    bn = params.get(f"bn{head_input}")
-    if bn is None or "scale" not in bn:
-        return variables, 1.0
-    rms = float(np.sqrt(np.mean(np.square(np.asarray(bn["scale"], np.float64)))))
-    if not np.isfinite(rms) or rms <= 0:
-        return variables, 1.0
-    c = 1.0 / rms
-    new_bn = {k: np.asarray(v) * c for k, v in bn.items()}
-    projection = {**params, f"bn{head_input}": new_bn}
-    new_params = {**variables["params"], "projection_head": projection}
-    stats = variables.get("batch_stats", {})
-    head_stats = stats.get("projection_head", {})
-    following = head_stats.get(f"bn{head_input + 1}")
-    if following is not None:
-        # The next BatchNorm sees inputs c times larger: its running moments follow.
-        following = {
-            "mean": np.asarray(following["mean"]) * c,
-            "var": np.asarray(following["var"]) * c * c,
-        }
-        stats = {**stats, "projection_head": {**head_stats, f"bn{head_input + 1}": following}}
-    return {**variables, "params": new_params, "batch_stats": stats}, c
+
+    def __init__(self, workdir: str, select_best: str, meta: dict):
+        self._select_best = select_best
+        self._eval, _, self._metric = select_best.partition("/")
+        self._meta = meta
+        self._manager = None
+        if select_best:
+            self._manager = checkpoint.make_manager(rundir.best_dir(workdir), 1, async_save=False)
+        self.step = self._manager.latest_step() if self._manager is not None else None
+        self.value = -np.inf
+        if self.step is not None:
+            saved = self._manager.restore(
+                self.step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            ).meta
+            self.value = float(saved.get("select_value", -np.inf))
+
+    def offer(self, state: train_state.TrainState, step: int, outputs) -> None:
+        """Keeps `state` if its selection value beats the kept one's."""
+        if self._manager is None or self._eval not in outputs:
+            return
+        value = outputs[self._eval].get(self._metric)
+        if np.isfinite(value) and value > self.value:
+            self.step, self.value = step, value
+            meta = {**self._meta, "step": step, "select_value": value}
+            checkpoint.save(self._manager, step, state, meta)
+            logging.info("New best %s=%.4f at step %d", self._select_best, value, step)
+
+    def restore(self, abstract_state) -> train_state.TrainState:
+        """The kept checkpoint's state (shardings of `abstract_state`)."""
+        state, _ = checkpoint.restore(self._manager, self.step, abstract_state)
+        return state
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
 
 
-def protocol_of(config: ml_collections.ConfigDict) -> str:
-    """The report's protocol of a fine-tuning config: 'linear' (frozen backbone) or 'finetune'."""
-    return "linear" if config.model.fine_tune_after_block == 4 else "finetune"
+class FirstLoggedLoss:
+    """The training loss at the first logged step, kept in the checkpoint meta.
 
-
-def first_logged_loss_row(first_log: dict, task) -> dict:
-    """The results.json row of the training loss at the first logged step.
-
-    One number of one run: it has no ci_low / ci_high (the report's interval
-    for it is over seeds).
+    The number that shows whether fine-tuning from a checkpoint starts worse
+    than from scratch. It lives in `meta` (the dict every later checkpoint
+    saves), so a resumed run still reports it; a run resumed from a checkpoint
+    that has none records none (its first log is not the run's).
     """
-    return {
-        "eval": "train",
-        "metric": "first_logged_loss",
-        "value": float(first_log["loss"]),
-        "split": "train",
-        "dataset": task.dataset,
-        "step": int(first_log["step"]),
-        "checkpoint": "final",
-    }
 
+    def __init__(self, meta: dict, resumed_meta: dict, start_step: int):
+        self._meta = meta
+        self._recording = start_step == 0
+        if "first_logged_loss" in resumed_meta:
+            meta.update(
+                first_logged_step=resumed_meta["first_logged_step"],
+                first_logged_loss=resumed_meta["first_logged_loss"],
+            )
 
-def _best_value(manager) -> tuple[int | None, float]:
-    """(step, selection value) of the kept best checkpoint, or (None, -inf)."""
-    step = manager.latest_step() if manager is not None else None
-    if step is None:
-        return None, -np.inf
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    return step, float(meta.get("select_value", -np.inf))
+    def record(self, step: int, summary: dict) -> None:
+        """The train loop's on_log: keeps the loss of the first summary."""
+        if self._recording and "first_logged_loss" not in self._meta:
+            self._meta.update(first_logged_step=step, first_logged_loss=summary["loss"])
+
+    def rows(self, dataset: str) -> list[dict]:
+        """Its results.json row ([] without one): one number of one run, so no
+        ci_low / ci_high (the report's interval for it is over seeds)."""
+        if "first_logged_loss" not in self._meta:
+            return []
+        return [
+            {
+                "eval": "train",
+                "metric": "first_logged_loss",
+                "value": float(self._meta["first_logged_loss"]),
+                "split": "train",
+                "dataset": dataset,
+                "step": int(self._meta["first_logged_step"]),
+                "checkpoint": "final",
+            }
+        ]
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes and evaluates; returns {'<eval>/<metric>': value} of the final checkpoint."""
     # --- Set-up: everything is validated before anything is written. ---
     check_config(config)
-    workdir = harness.check_workdir(workdir)
+    workdir = rundir.check_workdir(workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
 
     # --- Task and input pipeline. ---
-    info = pipeline.get_info(config.data)
-    task = step_lib.make_task(config, info)
-    kept_cases = pipeline.label_fraction_cases(config.data, seed=config.seed)
-    num_examples = pipeline.num_examples(config.data, "supervised", seed=config.seed)
+    data = pipeline.open_data(config.data, seed=config.seed)
+    task = task_lib.make_task(config, data.info)
+    kept_cases = data.label_fraction_cases()
+    num_examples = data.num_examples("supervised")
     if num_examples <= 0:
         raise ValueError(f"{config.data.source} split {config.data.split!r} has no labelled image")
     total_steps = config_lib.get_steps("total", config, num_examples, config.batch_size)
     warmup_steps = config_lib.get_steps("warmup", config, num_examples, config.batch_size, 0)
-
-    class_weights = None
-    if config.class_weight == "balanced":
-        counts = pipeline.class_counts(config.data, seed=config.seed)
-        class_weights = step_lib.balanced_class_weights(counts)
-        logging.info(
-            "Class-balanced loss: %s",
-            ", ".join(
-                f"{c}: {n} images x {w:.3g}"
-                for c, n, w in zip(task.class_names, counts, class_weights, strict=True)
-            ),
-        )
+    class_weights = _class_weights(config, data, task)
 
     # --- Model, then its evaluators: built (and so checked) before anything is written. ---
-    model = step_lib.build_model(config, task)
+    model = task_lib.build_model(config, task)
     evals = evaluators.build_evaluators(config, task, model, mesh)
-    select_eval, _, select_metric = config.select_best.partition("/")
 
     # --- Optimizer and state (frozen stages and unused projection layers masked). ---
     schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.batch_size)
-    abstract_params = jax.eval_shape(
-        lambda: model.init(
-            jax.random.key(0),
-            np.zeros((1, task.image_size, task.image_size, 3), np.float32),
-            train=False,
-        )["params"]
-    )
-    mask = step_lib.trainable_mask(
-        abstract_params, config.model.fine_tune_after_block, config.model.head_input
-    )
-    tx = optim.make_optimizer(config.optim, schedule, trainable_mask=mask)
-    state, state_shardings, abstract_state = harness.create_state(
+    tx = _make_optimizer(config, model, task.image_size, schedule)
+    state, state_shardings, abstract_state = train_state.create_state(
         model, tx, mesh, task.image_size, config.seed, config.mesh.shard_min_size
     )
     if config.zero_init_head:
@@ -227,44 +205,29 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- Checkpoints: resume, else init weights, else scratch. ---
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    best_manager = None
-    if config.select_best:
-        best_dir = os.path.join(workdir, BEST_DIR)
-        best_manager = checkpoint.make_manager(best_dir, 1, async_save=False)
     meta = {"global_batch_size": config.batch_size, "seed": config.seed, "trainer": "finetune"}
-    state = harness.restore_or_init(
+    best = BestCheckpoint(workdir, config.select_best, meta)
+    state, resumed_meta = restore.restore_or_init(
         state,
         abstract_state,
         state_shardings,
         manager,
         meta,
         config.init.checkpoint,
-        harness.weight_prefixes(config.init),
+        restore.weight_prefixes(config.init),
     )
     start_step = int(jax.device_get(state.step))
     if start_step == 0 and config.init.checkpoint and config.init.normalize_head_input:
-        host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-        host, factor = normalize_head_input(host, config.model.head_input)
-        state = jax.device_put(
-            state.replace(params=host["params"], batch_stats=host["batch_stats"]),
-            state_shardings,
-        )
-        logging.info(
-            "Head input (projection layer %d) rescaled by %.4g to unit BatchNorm scale "
-            "(config.init.normalize_head_input)",
-            config.model.head_input,
-            factor,
-        )
-    best_step, best_value = _best_value(best_manager)
+        state = _rescale_head_input(state, state_shardings, config.model.head_input)
+    first_loss = FirstLoggedLoss(meta, resumed_meta, start_step)
 
     # --- Logging (process 0 writes). ---
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    rundir.write_config(workdir, config)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
         task.save(workdir)
         if kept_cases is not None:
-            fractions.write_cases(workdir, kept_cases)
+            rundir.write_cases(workdir, kept_cases)
     if start_step == 0:
         parameter_overview.log_parameter_overview(state.params)
     logging.info(
@@ -281,177 +244,125 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.model.fine_tune_after_block,
         config.model.head_input,
     )
-    harness.write_status(workdir, "running", step=start_step, total_steps=total_steps)
-
-    dataset = pipeline.make_dataset(
-        config.data,
-        mode="supervised",
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        start_step=start_step,
-    )
-
-    def variables_of(s):
-        return {"params": s.params, "batch_stats": s.batch_stats}
-
-    def keep_if_best(s, at_step: int, outputs) -> None:
-        nonlocal best_step, best_value
-        if best_manager is None or select_eval not in outputs:
-            return
-        value = outputs[select_eval].get(select_metric)
-        if np.isfinite(value) and value > best_value:
-            best_step, best_value = at_step, value
-            checkpoint.save(
-                best_manager, at_step, s, {**meta, "step": at_step, "select_value": value}
-            )
-            logging.info("New best %s=%.4f at step %d", config.select_best, value, at_step)
-
-    first_log: dict[str, float] = {}
-    if start_step > 0:
-        saved = manager.restore(
-            start_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        ).meta
-        if "first_logged_loss" in saved:
-            first_log.update(step=saved["first_logged_step"], loss=saved["first_logged_loss"])
-            meta.update(
-                first_logged_step=saved["first_logged_step"],
-                first_logged_loss=saved["first_logged_loss"],
-            )
-
-    def remember_first_log(at_step: int, summary: dict) -> None:
-        # The training loss at the first logged step: the number that shows
-        # whether fine-tuning from a checkpoint starts worse than from scratch.
-        if not first_log and start_step == 0:
-            first_log.update(step=at_step, loss=summary["loss"])
-            # Kept in every later checkpoint's meta, so a resumed run still reports it.
-            meta.update(first_logged_step=at_step, first_logged_loss=summary["loss"])
+    rundir.write_status(workdir, "running", step=start_step, total_steps=total_steps)
 
     # --- Train loop (the last step's evals are the final evaluation below). ---
+    run = loop.Run(config, workdir, mesh, manager, meta, writer, state_shardings, total_steps)
     state, step, last = loop.train(
-        config,
-        workdir,
+        run,
         state,
-        state_shardings,
         step_lib.make_train_step(model, tx, schedule, task.label_type, class_weights),
-        dataset.as_numpy_iterator(),
-        mesh,
-        manager,
-        meta,
-        writer,
-        total_steps,
-        evals,
-        evals_at_last_step=False,
-        on_eval=keep_if_best,
-        on_log=remember_first_log,
+        data.dataset("supervised", config.batch_size, start_step=start_step).as_numpy_iterator(),
+        evals=evals,
+        final_evaluation_follows=True,
+        on_log=first_loss.record,
+        on_eval=best.offer,
     )
     if step < total_steps:
-        harness.write_status(workdir, "preempted", step=step, total_steps=total_steps)
+        rundir.write_status(workdir, "preempted", step=step, total_steps=total_steps)
         manager.close()
         return {}
 
     # --- Final evaluation: the final checkpoint, then the best one. ---
     try:
-        outputs, rows, artifacts = evaluators.run_evaluators(
-            evals, variables_of(state), step, "final"
+        outputs, rows, artifacts = _final_evaluation(
+            evals, state, step, best, abstract_state, writer
         )
-        writer.write_scalars(step, evaluators.scalars(outputs, "final/"))
-        keep_if_best(state, step, outputs)
-        if best_step is not None:
-            if best_step == step:  # the final checkpoint is the best: same numbers
-                best_rows = [{**r, "checkpoint": "best"} for r in rows]
-                best_artifacts = {k[: -len("final")] + "best": v for k, v in artifacts.items()}
-            else:
-                best_state, _ = checkpoint.restore(best_manager, best_step, abstract_state)
-                _, best_rows, best_artifacts = evaluators.run_evaluators(
-                    evals, variables_of(best_state), best_step, "best"
-                )
-            rows += best_rows
-            artifacts.update(best_artifacts)
-            writer.write_scalars(
-                best_step, {f"best/{r['eval']}/{r['metric']}": r["value"] for r in best_rows}
-            )
     except Exception as e:
-        harness.write_status(workdir, "failed", step=step, error=f"final evaluation: {e}")
+        rundir.write_status(workdir, "failed", step=step, error=f"final evaluation: {e}")
         raise
-    if first_log:
-        rows.append(first_logged_loss_row(first_log, task))
-    rows = [{**r, "protocol": protocol_of(config)} for r in rows]
-    results_path = base.write_results(workdir, config, rows, artifacts)
-    final = evaluators.scalars(outputs)
-    harness.write_status(
+    rows += first_loss.rows(task.dataset)
+    rows = evaluate.with_protocol(rows, config)
+    results_path = rundir.write_results(workdir, config, rows, artifacts)
+    rundir.write_status(
         workdir,
         "finished",
         step=step,
         total_steps=total_steps,
         measurements=last,
-        best_step=best_step,
+        best_step=best.step,
         results=results_path,
     )
     writer.flush()
     manager.close()
-    if best_manager is not None:
-        best_manager.close()
+    best.close()
     if is_main:
         logging.info("Done at step %d; results in %s", step, results_path)
-    return final
+    return evaluators.scalars(outputs)
 
 
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, checkpoint_path: str | None
-) -> dict:
-    """`--mode=eval`: runs config.evals on a checkpoint; writes WORKDIR/results.json.
+def _class_weights(config, data: pipeline.Data, task) -> np.ndarray | None:
+    """config.class_weight='balanced': weights from the kept training images per class."""
+    if config.class_weight != "balanced":
+        return None
+    counts = data.class_counts()
+    class_weights = step_lib.balanced_class_weights(counts)
+    logging.info(
+        "Class-balanced loss: %s",
+        ", ".join(
+            f"{c}: {n} images x {w:.3g}"
+            for c, n, w in zip(task.class_names, counts, class_weights, strict=True)
+        ),
+    )
+    return class_weights
 
-    The numbers equal those a training run wrote for the same checkpoint (same
-    data order, same bootstrap seeds). The checkpoint's label in results.json
-    is 'best' for WORKDIR/best/..., else 'final'. Nothing is overwritten: an
-    existing WORKDIR/results.json is an error.
 
-    Returns:
-      {'<eval>/<metric>': value}.
-    """
-    if not checkpoint_path:
-        raise ValueError(
-            "--mode=eval needs --checkpoint: a fine-tuning workdir (its latest checkpoint), "
-            f"WORKDIR/{BEST_DIR} or WORKDIR/checkpoints/<step>"
-        )
-    workdir = harness.check_workdir(workdir)
-    results_file = os.path.join(workdir, "results.json")
-    if os.path.exists(results_file):
-        raise ValueError(
-            f"{results_file} already exists; pass a new --workdir for this evaluation so "
-            "nothing is overwritten"
-        )
-    if not config.get("evals"):
-        raise ValueError("config.evals is empty: nothing to evaluate")
-    mesh = sharding.make_mesh(config.mesh)
-    task = step_lib.make_task(config, pipeline.get_info(config.data))
-    model = step_lib.build_model(config, task)
-
-    # --- The checkpoint: resolved, checked against the model, placed on the mesh. ---
-    state_dir = checkpoint.resolve(checkpoint_path)
-    step = int(state_dir.parent.name) if state_dir.parent.name.isdigit() else 0
-    label = "best" if state_dir.parent.parent.parent.name == BEST_DIR else "final"
-    loaded = checkpoint.load_variables(str(state_dir.parent))
-    abstract = jax.eval_shape(
+def _make_optimizer(config, model, image_size: int, schedule):
+    """config.optim with frozen stages and unused projection layers masked out."""
+    abstract_params = jax.eval_shape(
         lambda: model.init(
             jax.random.key(0),
-            np.zeros((1, task.image_size, task.image_size, 3), np.float32),
+            np.zeros((1, image_size, image_size, 3), np.float32),
             train=False,
-        )
+        )["params"]
     )
-    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    step_lib.check_variables(abstract, loaded, str(state_dir))
-    shardings = sharding.tree_shardings(abstract, mesh, config.mesh.shard_min_size)
-    variables = jax.device_put(
-        jax.tree.map(lambda x, a: np.asarray(x, a.dtype), loaded, abstract), shardings
+    mask = step_lib.trainable_mask(
+        abstract_params, config.model.fine_tune_after_block, config.model.head_input
     )
+    return optim.make_optimizer(config.optim, schedule, trainable_mask=mask)
 
-    # --- Evaluate and write. ---
-    evals = evaluators.build_evaluators(config, task, model, mesh)
-    outputs, rows, artifacts = evaluators.run_evaluators(evals, variables, step, label)
-    os.makedirs(workdir, exist_ok=True)
-    task.save(workdir)
-    rows = [{**r, "protocol": protocol_of(config)} for r in rows]
-    path = base.write_results(workdir, config, rows, artifacts)
-    logging.info("Evaluated %s (step %d, %s); results in %s", state_dir, step, label, path)
-    return evaluators.scalars(outputs)
+
+def _rescale_head_input(state, state_shardings, head_input: int):
+    """The init checkpoint's head input at unit BatchNorm scale (restore.normalize_head_input)."""
+    host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    host, factor = restore.normalize_head_input(host, head_input)
+    state = jax.device_put(
+        state.replace(params=host["params"], batch_stats=host["batch_stats"]),
+        state_shardings,
+    )
+    logging.info(
+        "Head input (projection layer %d) rescaled by %.4g to unit BatchNorm scale "
+        "(config.init.normalize_head_input)",
+        head_input,
+        factor,
+    )
+    return state
+
+
+def _final_evaluation(evals, state, step: int, best: BestCheckpoint, abstract_state, writer):
+    """Every eval on the final checkpoint, offered to `best`, then on the best checkpoint.
+
+    Returns:
+      (the final checkpoint's outputs, results rows of both, their artifacts).
+    """
+    outputs, rows, artifacts = evaluators.run_evaluators(evals, _variables(state), step, "final")
+    writer.write_scalars(step, evaluators.scalars(outputs, "final/"))
+    best.offer(state, step, outputs)
+    if best.step is None:
+        return outputs, rows, artifacts
+    if best.step == step:  # the final checkpoint is the best: same numbers
+        best_rows = [{**r, "checkpoint": "best"} for r in rows]
+        best_artifacts = {k[: -len("final")] + "best": v for k, v in artifacts.items()}
+    else:
+        best_variables = _variables(best.restore(abstract_state))
+        _, best_rows, best_artifacts = evaluators.run_evaluators(
+            evals, best_variables, best.step, "best"
+        )
+    writer.write_scalars(
+        best.step, {f"best/{r['eval']}/{r['metric']}": r["value"] for r in best_rows}
+    )
+    return outputs, rows + best_rows, {**artifacts, **best_artifacts}
+
+
+def _variables(state) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}

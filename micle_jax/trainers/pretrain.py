@@ -17,9 +17,9 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, parameter_overview
 
-from micle_jax import checkpoint, config_lib, evaluators, models, optim, sharding
-from micle_jax.data import pipeline
-from micle_jax.trainers import contrastive_step, harness, loop
+from micle_jax import checkpoint, config_lib, evaluators, models, optim, rundir, sharding
+from micle_jax.data.stream import pipeline
+from micle_jax.trainers import contrastive_step, loop, restore, train_state
 
 MODES = ("simclr", "micle")
 
@@ -35,7 +35,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] <= 0:
             raise ValueError(f"config.{name}={config[name]} must be > 0")
-    n_data = jax.device_count() // config.mesh.get("model", 1)
+    n_data = jax.device_count() // config.mesh.model
     if config.batch_size % max(n_data, 1) or config.batch_size % jax.process_count():
         raise ValueError(
             f"config.batch_size={config.batch_size} must divide evenly over the "
@@ -47,15 +47,16 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pre-trains with SimCLR or MICLe; returns the last logged measurements."""
     # --- Set-up: everything is validated before anything is written. ---
     check_config(config)
-    workdir = harness.check_workdir(workdir)
+    workdir = rundir.check_workdir(workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh)
 
     # --- Input pipeline (sizes first; the dataset is built at the resumed step). ---
-    info = pipeline.get_info(config.data)
+    data = pipeline.open_data(config.data, seed=config.seed)
+    info = data.info
     # An epoch is as many pairs as data.epoch_unit says ('images' by default, in
     # both modes), not one pass of the micle stream over its cases.
-    num_pairs = pipeline.pairs_per_epoch(config.data)
+    num_pairs = data.pairs_per_epoch()
     total_steps = config_lib.get_steps("total", config, num_pairs, config.batch_size)
     warmup_steps = config_lib.get_steps("warmup", config, num_pairs, config.batch_size, 0)
     probe = bool(config.linear_probe) and info.label_type == "multiclass" and info.num_classes > 0
@@ -67,7 +68,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = models.build_model(model_config)
     schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.batch_size)
     tx = optim.make_optimizer(config.optim, schedule)
-    state, state_shardings, abstract_state = harness.create_state(
+    state, state_shardings, abstract_state = train_state.create_state(
         model, tx, mesh, config.data.image_size, config.seed, config.mesh.shard_min_size
     )
 
@@ -78,22 +79,20 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     meta = {"global_batch_size": config.batch_size, "seed": config.seed, "trainer": "pretrain"}
-    state = harness.restore_or_init(
+    state, _ = restore.restore_or_init(
         state,
         abstract_state,
         state_shardings,
         manager,
         meta,
         config.init.checkpoint,
-        harness.weight_prefixes(config.init),
+        restore.weight_prefixes(config.init),
     )
     start_step = int(jax.device_get(state.step))
 
     # --- Logging (process 0 writes). ---
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+    rundir.write_config(workdir, config)
     if start_step == 0:
         parameter_overview.log_parameter_overview(state.params)
         writer.write_hparams(
@@ -113,32 +112,20 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.process_count(),
         probe,
     )
-    harness.write_status(workdir, "running", step=start_step, total_steps=total_steps)
+    rundir.write_status(workdir, "running", step=start_step, total_steps=total_steps)
 
     # --- Input pipeline at the resumed step, then the train loop. ---
-    dataset = pipeline.make_dataset(
-        config.data,
-        mode=config.data.mode,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        start_step=start_step,
-    )
+    dataset = data.dataset(config.data.mode, config.batch_size, start_step=start_step)
+    run = loop.Run(config, workdir, mesh, manager, meta, writer, state_shardings, total_steps)
     state, step, last = loop.train(
-        config,
-        workdir,
+        run,
         state,
-        state_shardings,
         contrastive_step.make_train_step(model, tx, schedule, config.loss.temperature, probe),
         dataset.as_numpy_iterator(),
-        mesh,
-        manager,
-        meta,
-        writer,
-        total_steps,
-        evals,
+        evals=evals,
     )
     status = "finished" if step >= total_steps else "preempted"
-    harness.write_status(workdir, status, step=step, total_steps=total_steps, measurements=last)
+    rundir.write_status(workdir, status, step=step, total_steps=total_steps, measurements=last)
     if is_main:
         logging.info("Done: %s at step %d. Checkpoints: %s", status, step, manager.directory)
     manager.close()

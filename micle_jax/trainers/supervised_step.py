@@ -1,4 +1,4 @@
-"""Supervised training: the task, the model, which weights train, the update step.
+"""Supervised training: which weights train, class weights, the update step.
 
 Fine-tuning (SimCLR's train_mode='finetune'), linear evaluation and the
 supervised ImageNet baseline share one step: softmax cross-entropy for
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
 
-from micle_jax import losses, models
-from micle_jax.evaluators import base
+from micle_jax import losses
 from micle_jax.models import frozen_stages
-from micle_jax.trainers import harness
+from micle_jax.trainers import train_state
 
 
 def trainable_mask(params: dict, fine_tune_after_block: int, head_input: int) -> dict:
@@ -100,7 +98,7 @@ def make_train_step(
     if label_type not in ("multiclass", "multilabel"):
         raise ValueError(f"label_type={label_type!r}; accepted: multiclass, multilabel")
 
-    def train_step(state: harness.TrainState, batch):
+    def train_step(state: train_state.TrainState, batch):
         def loss_fn(params):
             out, mutated = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
@@ -125,77 +123,6 @@ def make_train_step(
                 measurements = {"labelled_fraction": jnp.mean(mask)}
             return loss, (mutated["batch_stats"], measurements)
 
-        return harness.apply_gradients(state, tx, schedule, loss_fn)
+        return train_state.apply_gradients(state, tx, schedule, loss_fn)
 
     return train_step
-
-
-def make_task(config: ml_collections.ConfigDict, info) -> base.TaskInfo:
-    """The model's task from the training data; errors on a mismatch with the config."""
-    if info.label_type not in base.LABEL_TYPES:
-        raise ValueError(
-            f"fine-tuning needs labels, but {config.data.source} has label_type "
-            f"{info.label_type!r}; use a labelled dataset (multiclass or multilabel)"
-        )
-    wanted = config.model.num_classes
-    if wanted and wanted != info.num_classes:
-        raise ValueError(
-            f"config.model.num_classes={wanted} but {config.data.source} has "
-            f"{info.num_classes} classes ({list(info.class_names)}); set "
-            "config.model.num_classes=0 to take the count from the data"
-        )
-    return base.TaskInfo(
-        label_type=info.label_type,
-        class_names=list(info.class_names),
-        image_size=int(config.data.image_size),
-        dataset=getattr(info, "name", "") or str(config.data.source),
-    )
-
-
-def build_model(config: ml_collections.ConfigDict, task: base.TaskInfo):
-    """The model of a fine-tuning config: its model block with the task's head."""
-    model_config = config.model.copy_and_resolve_references()
-    with model_config.unlocked():
-        model_config.num_classes = task.num_classes
-    return models.build_model(model_config)
-
-
-def check_variables(abstract: dict, loaded: dict, source: str) -> None:
-    """Errors naming every array where a checkpoint and the config's model differ.
-
-    Args:
-      abstract: {'params', 'batch_stats'} shapes of the config's model.
-      loaded: the same from `checkpoint.load_variables`.
-      source: the checkpoint path, for the message.
-    """
-    problems = []
-    for collection in ("params", "batch_stats"):
-        want = traverse_util.flatten_dict(abstract.get(collection, {}), sep="/")
-        have = traverse_util.flatten_dict(loaded.get(collection, {}), sep="/")
-        for name in sorted(set(want) | set(have)):
-            where = f"{collection}/{name}"
-            if name not in have:
-                problems.append(f"{where}: in the model, not in the checkpoint")
-            elif name not in want:
-                problems.append(f"{where}: in the checkpoint, not in the model")
-            elif tuple(np.shape(have[name])) != tuple(want[name].shape):
-                problems.append(
-                    f"{where}: checkpoint {tuple(np.shape(have[name]))} vs model "
-                    f"{tuple(want[name].shape)}"
-                )
-    if not problems:
-        return
-    hint = "same arch, width, projection layers and data as the run that wrote it?"
-    head = [p for p in problems if p.startswith("params/head/")]
-    if head and len(head) == len(problems):
-        hint = (
-            "the classification head differs: the checkpoint was trained for another number "
-            "of classes than the config's data has"
-        )
-    elif any("backbone" in p for p in problems):
-        hint = "the backbone differs: the checkpoint has another arch/width than config.model"
-    raise ValueError(
-        f"checkpoint {source} does not match the config's model ({hint}):\n  "
-        + "\n  ".join(problems[:12])
-        + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
-    )

@@ -19,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from micle_jax.data import records
-from micle_jax.data.convert_inputs import ConversionError, ImageSpec, Problem
+from micle_jax.data.convert.inputs import ConversionError, ImageSpec, Problem
 
 SIXTEEN_BIT = ("min_max", "full_range")
 

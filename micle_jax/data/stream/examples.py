@@ -1,7 +1,9 @@
 """One element of the input stream -> the example one mode trains on.
 
-An element is one unit of an epoch: an image (modes 'simclr', 'supervised',
-'eval') or a case ('micle'), as a dict
+'simclr' and 'micle' get a contrastive pair of views (`ExampleMaker.simclr`,
+`.micle`), 'supervised' and 'eval' one view with its labels. An element is
+one unit of an epoch: an image (modes 'simclr', 'supervised', 'eval') or a
+case ('micle'), as a dict
 
   {'case_id': string [], 'image_ids': string [n], 'label_class': int32 [n],
    'label_multi': float32 [n, C], plus its pixels: 'images': string [n]
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from micle_jax.data import augment, image_table, op_base, records
+from micle_jax.data import records
+from micle_jax.data.augment import op_base, policies
+from micle_jax.data.sources import image_table
 
 
 class ImageReader:
@@ -119,7 +123,7 @@ class ExampleMaker:
 
     Args:
       reader: an ImageReader.
-      policy: augment policy for training views (augment.get_policy(...)).
+      policy: augment policy for training views (policies.get_policy(...)).
       image_size: view side in pixels.
       label_type: 'none', 'multiclass' or 'multilabel'.
       uncertain_policy: 'ignore', 'zeros' or 'ones' (multilabel only).
@@ -197,7 +201,7 @@ class ExampleMaker:
     def eval(self, k, element) -> dict:
         """Evaluation view (centre crop, resize), labels, ids and mask 1."""
         del k
-        fn = lambda image, seed: augment.eval_transform(image, self.image_size)
+        fn = lambda image, seed: policies.eval_transform(image, self.image_size)
         image = make_view(fn, self.reader(element, 0), None, self.reader.channels)
         return {
             "image": image,

@@ -1,7 +1,7 @@
 """Builds the small demo datasets shipped in data/demo (see data/demo/README.md).
 
-  python -m micle_jax.data.make_demo_data --shared=../shared/data --out=data/demo
-  python -m micle_jax.data.make_demo_data --only=ham10000,kermany_cxr   # just these
+  python -m micle_jax.data.convert.make_demo_data --shared=../shared/data --out=data/demo
+  python -m micle_jax.data.convert.make_demo_data --only=ham10000,kermany_cxr   # just these
 
 - hannover_cxr: all 243 chest X-rays of the 71 patients of the Hannover
   COVID-19 image repository, longer side 64 px, unlabelled, every case in
@@ -23,14 +23,18 @@ The output is deterministic: running it again gives identical files.
 
 from __future__ import annotations
 
-import dataclasses
 import os
+
+# Before TensorFlow is imported: keep its C++ info logs out of the converter's report.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+import dataclasses
 import shutil
 import textwrap
 
 from absl import app, flags
 
-from micle_jax.data import convert, convert_images, convert_inputs
+from micle_jax.data.convert import images, inputs, write
 
 HANNOVER = "hannover-covid-cxr"
 PNEUMONIAMNIST = "pneumoniamnist-balanced/pneumoniamnist.npz"
@@ -115,10 +119,10 @@ The images are provided as they are, without warranties of any kind.
 """
 
 
-def hannover_plan(shared: str) -> convert_inputs.Plan:
+def hannover_plan(shared: str) -> inputs.Plan:
     """Every Hannover image, grouped by patient, all in 'train'."""
     root = os.path.join(shared, HANNOVER)
-    return convert_inputs.cases_from_csv(
+    return inputs.cases_from_csv(
         os.path.join(root, "data.csv"),
         case_column="patient_id",
         image_root=root,
@@ -134,11 +138,11 @@ def make_hannover(shared: str, out: str, size: int) -> None:
     root = os.path.join(shared, HANNOVER)
     plan = hannover_plan(shared)
     destination = os.path.join(out, "hannover_cxr")
-    convert.convert(
+    write.convert(
         plan,
         destination,
         num_shards=2,  # lets a two-process demo give each process its own shard
-        options=convert_images.ImageOptions(resize_longer_side=size),
+        options=images.ImageOptions(resize_longer_side=size),
         overwrite=True,
         name="hannover_cxr",
         source=f"{HANNOVER_SOURCE}, downscaled to longer side {size} px",
@@ -151,10 +155,10 @@ def make_hannover(shared: str, out: str, size: int) -> None:
 
 def make_pneumoniamnist(shared: str, out: str) -> None:
     """Converts the balanced PneumoniaMNIST npz into out/pneumoniamnist."""
-    plan = convert_inputs.cases_from_npz(
+    plan = inputs.cases_from_npz(
         os.path.join(shared, PNEUMONIAMNIST), class_names=("normal", "pneumonia")
     )
-    convert.convert(
+    write.convert(
         plan,
         os.path.join(out, "pneumoniamnist"),
         num_shards={"train": 2, "validation": 1, "test": 1},
@@ -168,7 +172,7 @@ def make_pneumoniamnist(shared: str, out: str) -> None:
 
 def make_pool(shared: str, out: str, size: int) -> None:
     """Hannover cases + PneumoniaMNIST training images, unlabelled, into out/cxr_pool."""
-    pneumonia = convert_inputs.cases_from_npz(os.path.join(shared, PNEUMONIAMNIST))
+    pneumonia = inputs.cases_from_npz(os.path.join(shared, PNEUMONIAMNIST))
     cases = hannover_plan(shared).cases
     for case in pneumonia.cases:
         if case.split != "train":
@@ -176,7 +180,7 @@ def make_pool(shared: str, out: str, size: int) -> None:
         for image in case.images:
             image.label_class = -1
         cases.append(dataclasses.replace(case, case_id=f"pneumoniamnist-{case.case_id}"))
-    plan = convert_inputs.Plan(
+    plan = inputs.Plan(
         cases=cases,
         label_type="none",
         class_names=[],
@@ -184,11 +188,11 @@ def make_pool(shared: str, out: str, size: int) -> None:
         args={"pool": ["hannover_cxr", "pneumoniamnist train (labels dropped)"]},
     )
     destination = os.path.join(out, "cxr_pool")
-    convert.convert(
+    write.convert(
         plan,
         destination,
         num_shards=2,
-        options=convert_images.ImageOptions(resize_longer_side=size),
+        options=images.ImageOptions(resize_longer_side=size),
         overwrite=True,
         name="cxr_pool",
         source=f"{HANNOVER_SOURCE} (longer side {size} px) + {PNEUMONIA_SOURCE} (train split)",
@@ -207,7 +211,7 @@ def _write_license(destination: str, text: str) -> None:
 def make_ham10000(shared: str, out: str) -> None:
     """Every HAM10000 image, 64 x 48 JPEG, grouped by lesion, into out/ham10000."""
     root = os.path.join(shared, HAM10000)
-    plan = convert_inputs.cases_from_csv(
+    plan = inputs.cases_from_csv(
         os.path.join(root, "metadata.csv"),
         case_column="lesion_id",
         image_root=root,
@@ -218,11 +222,11 @@ def make_ham10000(shared: str, out: str) -> None:
         split_fractions=SPLITS_BY_CASE,
     )
     destination = os.path.join(out, "ham10000")
-    convert.convert(
+    write.convert(
         plan,
         destination,
         num_shards={"train": 4, "validation": 1, "test": 1},
-        options=convert_images.ImageOptions(**SMALL_JPEG),
+        options=images.ImageOptions(**SMALL_JPEG),
         overwrite=True,
         name="ham10000",
         source=HAM10000_SOURCE,
@@ -235,7 +239,7 @@ def make_ham10000(shared: str, out: str) -> None:
 def make_kermany(shared: str, out: str) -> None:
     """Every Kermany training X-ray, 64 x 64 grayscale JPEG, by patient, into out/kermany_cxr."""
     root = os.path.join(shared, KERMANY)
-    plan = convert_inputs.cases_from_csv(
+    plan = inputs.cases_from_csv(
         os.path.join(root, "metadata.csv"),
         case_column="patient_id",
         image_root=root,
@@ -252,11 +256,11 @@ def make_kermany(shared: str, out: str) -> None:
     plan.args.update(class_names=names, label_values=plan.class_names)
     plan.class_names = names
     destination = os.path.join(out, "kermany_cxr")
-    convert.convert(
+    write.convert(
         plan,
         destination,
         num_shards={"train": 2, "validation": 1, "test": 1},
-        options=convert_images.ImageOptions(grayscale=True, **SMALL_JPEG),
+        options=images.ImageOptions(grayscale=True, **SMALL_JPEG),
         overwrite=True,
         name="kermany_cxr",
         source=KERMANY_SOURCE,

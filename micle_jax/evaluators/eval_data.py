@@ -1,4 +1,9 @@
-"""An eval's data: config, checks done before training starts, and mapped predictions."""
+"""An eval's data: its config, checks done before training starts, and its predictions.
+
+What every evaluator of a run shares (`Context`), the data config of one
+eval (`eval_data_config`), its bootstrap seed (`eval_seed`) and its dataset
+(`EvalData`).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from micle_jax.data import pipeline
-from micle_jax.evaluators import base
+from micle_jax.data.stream import pipeline
+from micle_jax.evaluators.labels import LabelMap
+from micle_jax.evaluators.predictor import Predictor
+from micle_jax.task import TaskInfo
 
 
 @dataclasses.dataclass
@@ -26,8 +33,8 @@ class Context:
     """
 
     config: ml_collections.ConfigDict
-    task: base.TaskInfo | None
-    predictor: base.Predictor
+    task: TaskInfo | None
+    predictor: Predictor
 
 
 def eval_seed(config: ml_collections.ConfigDict, name: str) -> int:
@@ -36,8 +43,36 @@ def eval_seed(config: ml_collections.ConfigDict, name: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def eval_data_config(
+    train_data: ml_collections.ConfigDict, overrides: Mapping | None, name: str
+) -> ml_collections.ConfigDict:
+    """The data config of an eval: the run's config.data with `overrides` applied.
+
+    Evaluation always sees every case (label_fraction 1.0) and, unless the
+    eval says otherwise, ignores uncertain multilabel labels (masks them)
+    whatever policy training used: a U-Ones training policy must not turn
+    uncertain test labels into positives.
+
+    Raises:
+      ValueError: an override names a field config.data does not have.
+    """
+    data = train_data.copy_and_resolve_references()
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(data))
+    if unknown:
+        raise ValueError(
+            f"config.evals.{name}.data has unknown field(s) {unknown}; accepted: {sorted(data)}"
+        )
+    with data.unlocked():
+        data.label_fraction = 1.0
+        data.uncertain_policy = "ignore"
+        for key, value in overrides.items():
+            data[key] = value
+    return data
+
+
 class EvalData:
-    """One eval's dataset, checked up front and read in the pipeline's 'eval' mode.
+    """One eval's dataset, opened once, checked up front and read in the pipeline's 'eval' mode.
 
     Everything that can be wrong with an eval (unknown data fields, a missing
     split, an empty split, classes that do not match the model's, a batch size
@@ -52,8 +87,9 @@ class EvalData:
         self.ctx = ctx
         overrides = dict(entry.get("data") or {})
         overrides.update(data_override or {})
-        self.config = base.eval_data_config(ctx.config.data, overrides, name)
-        self.info = pipeline.get_info(self.config)
+        self.config = eval_data_config(ctx.config.data, overrides, name)
+        self.data = pipeline.open_data(self.config, seed=0)
+        self.info = self.data.info
         self.split = self.config.split
         self.dataset = getattr(self.info, "name", "") or str(self.config.source)
         self.batch_size = int(
@@ -65,7 +101,7 @@ class EvalData:
                 f"{jax.device_count()} devices (set config.eval_batch_size or "
                 f"config.evals.{name}.batch_size)"
             )
-        self.num_images = pipeline.num_examples(self.config, "eval")
+        self.num_images = self.data.num_examples("eval")
         if self.num_images <= 0:
             raise ValueError(
                 f"eval {name!r}: split {self.split!r} of {self.config.source} has no images; "
@@ -73,7 +109,7 @@ class EvalData:
             )
         self.label_type = self.info.label_type
 
-    def check_labels(self, label_type: str, label_map: Mapping | None) -> base.LabelMap:
+    def check_labels(self, label_type: str, label_map: Mapping | None) -> LabelMap:
         """The label map onto the model's classes; errors if the label types differ."""
         task = self.ctx.task
         if self.label_type != label_type or task.label_type != label_type:
@@ -83,19 +119,14 @@ class EvalData:
                 f"{task.label_type!r}; use type "
                 f"{'classification' if task.label_type == 'multiclass' else 'multilabel'}"
             )
-        return base.LabelMap(
-            self.name, label_type, self.info.class_names, task.class_names, label_map
-        )
+        return LabelMap(self.name, label_type, self.info.class_names, task.class_names, label_map)
 
     def batches(self):
         """One pass over the split: host batches with 'mask' (0 = padding)."""
-        dataset = pipeline.make_dataset(
-            self.config, mode="eval", global_batch_size=self.batch_size, seed=0
-        )
-        return dataset.as_numpy_iterator()
+        return self.data.dataset("eval", self.batch_size).as_numpy_iterator()
 
     def predict(self, variables: Mapping, outputs=("logits",)) -> dict[str, np.ndarray]:
-        """Model outputs and labels of every real image (see base.Predictor.predict)."""
+        """Model outputs and labels of every real image (see Predictor.predict)."""
         result = self.ctx.predictor.predict(variables, self.batches(), outputs)
         if not len(result["case_id"]):
             raise ValueError(
@@ -103,55 +134,3 @@ class EvalData:
                 "no images"
             )
         return result
-
-
-class EvaluatorFields:
-    """What every evaluator reads from its config entry (base.Evaluator's attributes).
-
-    Checks the entry's fields, builds its EvalData and sets name, data, split,
-    dataset, every_steps, in_results, samples (bootstrap resamples: the
-    entry's, else config.bootstrap_samples, else `default_samples`) and seed.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        entry: Mapping,
-        ctx: Context,
-        extra_fields: tuple[str, ...],
-        default_samples: int,
-    ):
-        base.check_fields(name, entry, extra_fields)
-        self.name = name
-        self.data = EvalData(name, entry, ctx)
-        self.split, self.dataset = self.data.split, self.data.dataset
-        self.every_steps = int(entry.get("every_steps") or 0)
-        self.in_results = bool(entry.get("in_results", True))
-        self.samples = int(
-            entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", default_samples))
-        )
-        self.seed = eval_seed(ctx.config, name)
-
-    def train_data(self, entry: Mapping, ctx: Context, accepted, kind: str) -> EvalData:
-        """The features' training data (train_data overrides on the train split).
-
-        Both it and the evaluated data must have a label type in `accepted`,
-        and the same classes and label type.
-        """
-        overrides = {"split": "train", **dict(entry.get("train_data") or {})}
-        train = EvalData(self.name, entry, ctx, data_override=overrides)
-        for part in (self.data, train):
-            if part.label_type not in accepted:
-                raise ValueError(
-                    f"eval {self.name!r} ({kind}) needs {' or '.join(accepted)} labels; "
-                    f"{part.config.source} split {part.split!r} is {part.label_type!r}"
-                )
-        if (train.info.class_names, train.label_type) != (
-            self.data.info.class_names,
-            self.data.label_type,
-        ):
-            raise ValueError(
-                f"eval {self.name!r}: train_data classes {train.info.class_names} differ from "
-                f"the evaluated data's {self.data.info.class_names}"
-            )
-        return train

@@ -1,6 +1,6 @@
 r"""Writes one batch, as the trainer sees it, as a PNG grid to check by eye.
 
-  python -m micle_jax.data.preview --config=configs/micle_medical.py:runlocal=True \
+  python -m micle_jax.data.stream.preview --config=configs/micle_medical.py:runlocal=True \
       --out=preview.png [--rows=8] [--config.data.augment=simclr]
 
 One row per example. Contrastive modes ('simclr', 'micle') show view1 | view2
@@ -9,7 +9,7 @@ case (MICLe's positive pair) or from the same image; 'supervised' and 'eval'
 show the one view with its label. The batch is built by the training pipeline
 (config.data, config.data.mode, config.seed) for one process, with --rows
 examples per batch. The augmentation is the one training uses: with
-data.augment='auto' the policy resolved from the data (pipeline.resolve_augment),
+data.augment='auto' the policy resolved from the data (pipeline.Data.augment_policy),
 named in the title and printed with the reason.
 """
 
@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from micle_jax.data import pipeline
+from micle_jax.data.stream import pipeline
 
 
 def define_flags() -> None:
@@ -52,19 +52,20 @@ def _captions(batch: dict, i: int) -> list[str]:
     return [f"{case} | label {label}"]
 
 
-def render(batch: dict, path: str, title: str = "") -> None:
-    """Writes `batch` (numpy dict from make_dataset) as a PNG grid at `path`.
+# The PNG's resolution, and the title's characters per line per column of
+# panels (a 2.6 in wide column holds about 36 characters of 8 pt text).
+DPI = 100
+TITLE_CHARS = 36
 
-    Args:
-      batch: 'view1', 'view2' [b, s, s, 3] (contrastive) or 'image' [b, s, s, 3],
-        float in [0, 1], plus the ids and labels make_dataset returns.
-      path: output PNG file.
-      title: the figure's title.
-    """
+
+def figure(batch: dict, title: str = "") -> Figure:
+    """The PNG grid of `batch` as a Figure (see `render`); its layout is computed when drawn."""
     keys = ["view1", "view2"] if "view1" in batch else ["image"]
     rows = len(batch[keys[0]])
-    # A bare Figure (no pyplot): no global state, no GUI backend.
-    fig = Figure(figsize=(2.6 * len(keys), 2.6 * rows))
+    # A bare Figure (no pyplot): no global state, no GUI backend. The
+    # constrained layout keeps room for the title above the first row's
+    # captions, whatever the number of rows (tight_layout did not).
+    fig = Figure(figsize=(2.6 * len(keys), 2.6 * rows), layout="constrained")
     axes = fig.subplots(rows, len(keys), squeeze=False)
     for i in range(rows):
         for j, (key, caption) in enumerate(zip(keys, _captions(batch, i), strict=True)):
@@ -72,10 +73,22 @@ def render(batch: dict, path: str, title: str = "") -> None:
             axes[i, j].set_title(caption, fontsize=7)
             axes[i, j].axis("off")
     if title:
-        fig.suptitle(textwrap.fill(title, 45 * len(keys)), fontsize=8)
-    fig.tight_layout()
+        fig.suptitle(textwrap.fill(title, TITLE_CHARS * len(keys)), fontsize=8)
+    return fig
+
+
+def render(batch: dict, path: str, title: str = "") -> None:
+    """Writes `batch` (numpy dict from Data.dataset) as a PNG grid at `path`.
+
+    Args:
+      batch: 'view1', 'view2' [b, s, s, 3] (contrastive) or 'image' [b, s, s, 3],
+        float in [0, 1], plus the ids and labels Data.dataset returns.
+      path: output PNG file.
+      title: the figure's title.
+    """
+    fig = figure(batch, title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
 
 
 def main(argv) -> None:
@@ -86,13 +99,12 @@ def main(argv) -> None:
     if flags.FLAGS.rows < 1:
         raise app.UsageError(f"--rows={flags.FLAGS.rows} must be >= 1")
     mode = config.data.mode
-    # Resolved once here, so the title names the policy the batch was drawn with.
-    policy, why = pipeline.resolve_augment(config.data)
-    dataset = pipeline.make_dataset(
-        dict(config.data.items(), augment=policy),
-        mode=mode,
-        global_batch_size=flags.FLAGS.rows,
-        seed=config.seed,
+    data = pipeline.open_data(config.data, seed=config.seed)
+    # The policy the batch is drawn with (resolved once per handle), for the title.
+    policy, why = data.augment_policy()
+    dataset = data.dataset(
+        mode,
+        flags.FLAGS.rows,
         start_step=flags.FLAGS.step,
         process_index=0,
         process_count=1,

@@ -2,7 +2,7 @@
 
 Two inputs: a CSV with one row per image (`cases_from_csv`) and a MedMNIST-style
 npz of arrays (`cases_from_npz`). Nothing here decodes images
-(convert_images.py) or writes records (convert.py); every bad row becomes a
+(images.py) or writes records (write.py); every bad row becomes a
 `Problem` naming its CSV line, so the converter can report all of them at once.
 """
 
@@ -130,6 +130,42 @@ def _class_list(values: Iterable[str]) -> list[str]:
     return values
 
 
+def _read_csv(csv_path: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(line of the record, row)]) of a CSV; line 1 is the header."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            # (line of the record, row): reader.line_num also counts quoted newlines.
+            rows = [(reader.line_num, row) for row in reader]
+    except OSError as e:
+        raise ConversionError(f"cannot read --csv={csv_path!r}: {e}") from e
+    return header, rows
+
+
+def _read_labels(
+    image: ImageSpec, row: dict, label_type: str, label_column: str | None, names: list[str]
+) -> str | None:
+    """Sets `image`'s labels from its CSV row; the problem (a message) if they are bad."""
+    if label_type == "multiclass" and row[label_column]:
+        value = row[label_column]
+        if value in names:
+            image.label_class = names.index(value)
+        elif value.isdigit() and int(value) < len(names):
+            image.label_class = int(value)
+        else:
+            return f"label {value!r} is not in the class list {names}"
+    elif label_type == "multilabel":
+        try:
+            image.label_multi = [
+                MULTILABEL_VALUES[float(row[c])] if row[c] else records.MISSING for c in names
+            ]
+        except (ValueError, KeyError):
+            values = [row[c] for c in names]
+            return f"labels {values} must each be 1, 0, -1 (uncertain) or blank"
+    return None
+
+
 def cases_from_csv(
     csv_path: str,
     case_column: str,
@@ -161,14 +197,7 @@ def cases_from_csv(
     if split_column and split_fractions:
         raise ConversionError("give --split_column or --split_fractions, not both")
     fractions = parse_split_fractions(split_fractions or "train=1")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            # (line of the record, row): reader.line_num also counts quoted newlines.
-            rows = [(reader.line_num, row) for row in reader]
-    except OSError as e:
-        raise ConversionError(f"cannot read --csv={csv_path!r}: {e}") from e
+    header, rows = _read_csv(csv_path)
     template_fields = [f for _, f, _, _ in string.Formatter().parse(image_path_template or "") if f]
     _check_columns(
         csv_path,
@@ -231,28 +260,10 @@ def cases_from_csv(
             )
             continue
         id_lines[image.image_id] = line
-        if label_type == "multiclass" and row[label_column]:
-            value = row[label_column]
-            if value in names:
-                image.label_class = names.index(value)
-            elif value.isdigit() and int(value) < len(names):
-                image.label_class = int(value)
-            else:
-                problems.append(
-                    Problem(f"label {value!r} is not in the class list {names}", **where)
-                )
-                continue
-        elif label_type == "multilabel":
-            try:
-                image.label_multi = [
-                    MULTILABEL_VALUES[float(row[c])] if row[c] else records.MISSING for c in names
-                ]
-            except (ValueError, KeyError):
-                values = [row[c] for c in names]
-                problems.append(
-                    Problem(f"labels {values} must each be 1, 0, -1 (uncertain) or blank", **where)
-                )
-                continue
+        problem = _read_labels(image, row, label_type, label_column, names)
+        if problem:
+            problems.append(Problem(problem, **where))
+            continue
         case.images.append(image)
     args = dict(
         csv=csv_path,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from micle_jax.data import image_table
+from micle_jax.data.sources import image_table
 
 DEFAULTS = dict(num_cases=256, num_classes=10, image_size=64, max_images_per_case=3)
 _SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}

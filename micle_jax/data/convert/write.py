@@ -1,52 +1,30 @@
-r"""Converts a CSV of images, or a MedMNIST-style npz, into case records.
-
-  python -m micle_jax.data.convert --csv=../shared/data/hannover-covid-cxr/data.csv \
-    --image_root=../shared/data/hannover-covid-cxr --case_column=patient_id \
-    --image_id_column=image_id --image_path_template='png/{image_id}.png' \
-    --split_fractions=train=0.8,validation=0.1,test=0.1 --out=/tmp/hannover
-
-  python -m micle_jax.data.convert --npz=pneumoniamnist.npz \
-    --class_names=normal,pneumonia --out=/tmp/pneumoniamnist
+"""The converter's core: check, write, verify and move a planned dataset into place.
 
 Five steps, so that bad input never leaves a half-written dataset that looks
-complete: plan (read the table, group rows into cases, assign splits), check
-(decode every image; with --on_error=fail any problem stops here, before
-anything is written), write into a temporary folder next to --out, verify what
-was written (no case in two splits, no excluded case), rename into place.
-convert_inputs.py does the planning, convert_images.py the decoding and
-re-encoding; docs/data_format.md shows the commands with their output.
+complete: plan (read the table, group rows into cases, assign splits:
+inputs.py), check (decode every image: images.py; with on_error='fail' any
+problem stops here, before anything is written), write into a temporary folder
+next to `out`, verify what was written (no case in two splits, no excluded
+case), rename into place. The command line is cli.py (`python -m
+micle_jax.data.convert`); docs/data_format.md shows the commands with their
+output.
 """
 
 from __future__ import annotations
 
-import os
-
-# Keep TensorFlow's C++ info logs out of the converter's report.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 import collections
 import concurrent.futures
 import dataclasses
+import os
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import tensorflow as tf
 import tqdm
-from absl import app, flags
 
-from micle_jax.data import records
-from micle_jax.data.convert_images import SIXTEEN_BIT, ImageOptions, check_image, encode_image
-from micle_jax.data.convert_inputs import (
-    CaseSpec,
-    ConversionError,
-    Plan,
-    Problem,
-    case_hash,
-    cases_from_csv,
-    cases_from_npz,
-    read_case_list,
-)
+from micle_jax.data import records, shards
+from micle_jax.data.convert.images import ImageOptions, check_image, encode_image
+from micle_jax.data.convert.inputs import CaseSpec, ConversionError, Plan, Problem, case_hash
 
 VERSION = "1.0.0"
 
@@ -117,7 +95,7 @@ def verify_dataset(path: str, info: records.DatasetInfo, excluded: Iterable[str]
     excluded, split_of, image_ids = set(excluded), {}, set()
     for split, entry in info.splits.items():
         # Batched parsing of the two id features only: ~100x faster than parse_case.
-        dataset = tf.data.TFRecordDataset(records.shard_paths(path, split)).batch(1024)
+        dataset = tf.data.TFRecordDataset(shards.shard_paths(path, split)).batch(1024)
         num_cases = num_images = 0
         for batch in dataset.map(lambda s: tf.io.parse_example(s, spec)):
             for case_id, ids in zip(
@@ -282,7 +260,7 @@ def _write(plan, cases, path, num_shards, options, pool, name) -> records.Datase
         if split not in by_split:
             continue
         todo = by_split[split]
-        shards = num_shards.get(split, 1) if isinstance(num_shards, dict) else num_shards
+        count = num_shards.get(split, 1) if isinstance(num_shards, dict) else num_shards
         examples = tqdm.tqdm(
             _ordered_map(pool, serialize, todo, window=64),
             f"write {split}",
@@ -290,127 +268,6 @@ def _write(plan, cases, path, num_shards, options, pool, name) -> records.Datase
             unit="case",
             disable=None,
         )
-        written = records.write_split(path, split, examples, max(1, min(shards, len(todo))))
-        splits[split] = records.make_split_info(written, [len(c.images) for c in todo])
+        written = shards.write_split(path, split, examples, max(1, min(count, len(todo))))
+        splits[split] = shards.make_split_info(written, [len(c.images) for c in todo])
     return records.DatasetInfo(name, plan.label_type, list(plan.class_names), splits)
-
-
-def parse_num_shards(text: str) -> int | dict[str, int]:
-    """'8' (every split) or 'train=16,validation=2,test=2' (per split)."""
-    try:
-        if "=" not in text:
-            return int(text)
-        pairs = (item.split("=") for item in text.split(",") if item.strip())
-        shards = {split.strip(): int(n) for split, n in pairs}
-    except ValueError:
-        raise ConversionError(
-            f"--num_shards={text!r}: give a number, or split=number pairs like train=16,test=2"
-        ) from None
-    unknown = set(shards) - set(records.SPLITS)
-    if unknown:
-        raise ConversionError(
-            f"--num_shards: unknown splits {sorted(unknown)}; use {records.SPLITS}"
-        )
-    return shards
-
-
-_CSV_ONLY = (
-    "case_column image_root image_column image_path_template image_id_column label_column "
-    "label_columns meta_columns split_column split_fractions seed"
-).split()
-
-
-def _define_flags() -> None:
-    # Defined only when run as a program, so make_demo_data can import this module
-    # and keep its own --out.
-    flags.DEFINE_string("csv", None, "CSV with one row per image (or use --npz)")
-    flags.DEFINE_string("npz", None, "MedMNIST-style npz: {split}_images, {split}_labels")
-    flags.DEFINE_string("out", None, "destination dataset folder")
-    flags.DEFINE_string("image_root", "", "folder the CSV's image paths are relative to")
-    flags.DEFINE_string("image_column", None, "CSV column holding the image path")
-    flags.DEFINE_string("image_path_template", None, "path from columns, e.g. 'png/{image_id}.png'")
-    flags.DEFINE_string("image_id_column", None, "CSV column of the image id (default: its path)")
-    flags.DEFINE_string("case_column", None, "CSV column of the patient/case id")
-    flags.DEFINE_string("label_column", None, "CSV column of a multiclass label")
-    flags.DEFINE_list("label_columns", [], "multilabel CSV columns (1, 0, -1 uncertain, blank)")
-    flags.DEFINE_list("class_names", [], "class names (default: sorted label values)")
-    flags.DEFINE_list("meta_columns", [], "CSV columns stored in image/meta, e.g. projection")
-    flags.DEFINE_string("split_column", None, "CSV column of the split (train/validation/test)")
-    flags.DEFINE_string("split_fractions", None, "e.g. train=0.8,validation=0.1,test=0.1")
-    flags.DEFINE_integer("seed", 0, "seed of the per-case split hash")
-    flags.DEFINE_string("exclude_cases", None, "file of case ids (one a line) to leave out")
-    flags.DEFINE_string("num_shards", "1", "shards per split: 8, or train=16,validation=2")
-    flags.DEFINE_integer("resize_longer_side", 0, "shrink larger images to this many pixels")
-    flags.DEFINE_enum("sixteen_bit", "min_max", SIXTEEN_BIT, "16-bit to 8-bit scaling")
-    flags.DEFINE_enum(
-        "image_format",
-        ImageOptions.image_format,
-        records.IMAGE_FORMATS,
-        "format of re-encoded images (files kept byte for byte keep theirs)",
-    )
-    flags.DEFINE_integer("jpeg_quality", ImageOptions.jpeg_quality, "quality of re-encoded JPEGs")
-    flags.DEFINE_bool("grayscale", False, "store 8-bit single-channel images (X-rays saved as RGB)")
-    flags.DEFINE_enum("on_error", "fail", ["fail", "skip"], "bad input: stop, or leave it out")
-    flags.DEFINE_integer("num_workers", None, "image threads (default: CPU count)")
-    flags.DEFINE_bool("overwrite", False, "replace an existing dataset at --out")
-    flags.DEFINE_string("name", None, "dataset name (default: --out's folder name)")
-    flags.DEFINE_string("source", "", "where the data comes from")
-    flags.DEFINE_string("license", "", "the data's licence")
-    flags.DEFINE_string("citation", "", "how to cite the data")
-    flags.DEFINE_enum(
-        "modality",
-        None,
-        records.MODALITIES,
-        "what the images show; data.augment='auto' trains 'cxr' on cxr, 'simclr' on "
-        "dermatology (default: chosen by whether the images are gray)",
-    )
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    f = flags.FLAGS
-    try:
-        if bool(f.csv) == bool(f.npz) or not f.out:
-            raise ConversionError("give --out and exactly one of --csv and --npz")
-        if f.csv:
-            if not f.case_column:
-                raise ConversionError("--csv needs --case_column (the patient/case id column)")
-            plan = cases_from_csv(
-                f.csv, f.case_column, f.image_root, f.image_column, f.image_path_template,
-                f.image_id_column, f.label_column, f.label_columns, f.class_names,
-                f.meta_columns, f.split_column, f.split_fractions, f.seed,
-            )  # fmt: skip
-        else:
-            given = [name for name in _CSV_ONLY if f[name].present]
-            if given:
-                raise ConversionError(f"--npz takes cases and splits from the file; drop {given}")
-            plan = cases_from_npz(f.npz, f.class_names)
-        convert(
-            plan,
-            f.out,
-            exclude_cases=read_case_list(f.exclude_cases) if f.exclude_cases else (),
-            num_shards=parse_num_shards(f.num_shards),
-            options=ImageOptions(
-                resize_longer_side=f.resize_longer_side,
-                sixteen_bit=f.sixteen_bit,
-                image_format=f.image_format,
-                jpeg_quality=f.jpeg_quality,
-                grayscale=f.grayscale,
-            ),
-            on_error=f.on_error,
-            num_workers=f.num_workers,
-            overwrite=f.overwrite,
-            name=f.name,
-            source=f.source,
-            license=f.license,
-            citation=f.citation,
-            modality=f.modality or "",
-        )
-    except ConversionError as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)

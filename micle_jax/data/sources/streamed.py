@@ -3,7 +3,7 @@
 They read a finite stream of encoded cases per process share (`cases()`) and
 know exactly how many cases and images each share holds (`counts()`); with
 `cache_decoded` the pipeline decodes the stream once into an ImageTable
-(`table()`). See sources.py for the interface.
+(`table()`). See interface.py for the interface.
 """
 
 from __future__ import annotations
@@ -17,31 +17,34 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from micle_jax.data import image_table, records
-from micle_jax.data.image_table import ImageTable
-from micle_jax.data.sources import CaseCounts, Share, Source, split_error
-
-# An image's first bytes, checked before decoding: the record format only holds
-# PNG and JPEG, so anything else is corrupt.
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
+from micle_jax.data import records, shards
+from micle_jax.data.sources import image_table
+from micle_jax.data.sources.image_table import ImageTable
+from micle_jax.data.sources.interface import CaseCounts, Share, Source, split_error
 
 
 def valid_images(images: tf.Tensor) -> tf.Tensor:
-    """bool [n]: which encoded images (tf.string [n]) start like a PNG or a JPEG."""
-    return tf.logical_or(
-        tf.equal(tf.strings.substr(images, 0, len(_PNG_MAGIC)), _PNG_MAGIC),
-        tf.equal(tf.strings.substr(images, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC),
-    )
+    """bool [n]: which encoded images (tf.string [n]) start like a PNG or a JPEG.
+
+    An image's first bytes, checked before decoding: the record format only
+    holds PNG and JPEG (records.IMAGE_SIGNATURES), so anything else is corrupt.
+    """
+    starts = [
+        tf.equal(tf.strings.substr(images, 0, len(signature)), signature)
+        for signature in records.IMAGE_SIGNATURES
+    ]
+    return functools.reduce(tf.logical_or, starts)
 
 
 class RecordsSource(Source):
     """The case records of micle_jax.data.records, streamed from their shards.
 
-    A process reads whole shard files when there are at least as many shards as
-    processes, else every count-th case. Images whose bytes are not PNG/JPEG
-    are dropped (and counted, once, when the share is first scanned); a split
-    with no usable image is an error.
+    Opening it checks every shard against the SHA-256 the converter recorded
+    (shards.verify_shards: ValueError naming the shard if it changed or is
+    missing). A process reads whole shard files when there are at least as
+    many shards as processes, else every count-th case. Images whose bytes are
+    not PNG/JPEG are dropped (and counted, once, when the share is first
+    scanned); a split with no usable image is an error.
     """
 
     in_memory = False
@@ -50,9 +53,10 @@ class RecordsSource(Source):
     def __init__(self, path: str):
         self.path = path
         self.info = records.load_info(path)
+        shards.verify_shards(path, self.info)
 
     def _files(self, split: str, share: Share) -> tuple[list[str], bool]:
-        files = records.shard_paths(self.path, split)
+        files = shards.shard_paths(self.path, split)
         if len(files) >= share.count:
             return files[share.index :: share.count], True
         return files, False
@@ -128,7 +132,7 @@ class RecordsSource(Source):
         return CaseCounts(per_case[usable, 0], per_case[usable, 1], case_ids[usable])
 
     def image_labels(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        scans = [self._scan(f) for f in records.shard_paths(self.path, split)]
+        scans = [self._scan(f) for f in shards.shard_paths(self.path, split)]
         sizes = np.concatenate([s.counts[:, 0] for s in scans])
         case_ids = np.repeat(np.concatenate([s.case_ids for s in scans]), sizes)
         return case_ids, np.concatenate([s.labels for s in scans])
@@ -166,7 +170,11 @@ class _Scan:
     labels: np.ndarray
 
 
-# Keyed on the file's size and mtime too: a rewritten file is scanned again.
+# A scan reads every record of the file. Cached because the counts and labels
+# of a split are asked for many times over, not only by one handle (sizes, the
+# label fraction, the eval padding of every process share, the decoded table's
+# check) but by every eval of the same files. Keyed on the file's size and
+# mtime too: a rewritten file is scanned again.
 @functools.lru_cache(maxsize=4096)
 def _scan_file(path, size, mtime_ns, num_classes, label_type) -> _Scan:
     del size, mtime_ns

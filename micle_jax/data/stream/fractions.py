@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
-
-CASES_FILE = "label_fraction_cases.txt"
 
 
 def _as_str(case_id) -> str:
@@ -133,18 +129,23 @@ def select_cases(
     return sorted(kept)
 
 
-def write_cases(workdir: str, case_ids: Sequence[str]) -> str:
-    """Atomically writes WORKDIR/label_fraction_cases.txt (one case id a line); returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".cases")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(f"{c}\n" for c in case_ids)
-    path = os.path.join(workdir, CASES_FILE)
-    os.replace(tmp, path)
-    return path
+def images_per_class(
+    case_ids: Sequence, labels: Sequence[int], num_classes: int, cases: Sequence[str] | None
+) -> np.ndarray:
+    """Labelled images per class of the images of `cases` (every image when None).
 
+    Args:
+      case_ids: [n] case id per image, str or bytes.
+      labels: [n] class index per image (-1 = none).
+      num_classes: C.
+      cases: the case ids to count, as `select_cases` returns them, or None.
 
-def read_cases(workdir: str) -> list[str]:
-    """The case ids written by `write_cases`."""
-    with open(os.path.join(workdir, CASES_FILE)) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    Returns:
+      int64 [C] image counts.
+    """
+    labels = np.asarray(labels)
+    if cases is not None:
+        keep = set(cases)
+        labels = labels[np.array([_as_str(c) in keep for c in case_ids], bool)]
+    labels = labels[labels >= 0]
+    return np.bincount(labels, minlength=num_classes).astype(np.int64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from micle_jax.data import op_base
+from micle_jax.data.augment import op_base
 
 
 def gaussian_kernel(sigma: tf.Tensor, radius) -> tf.Tensor:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from micle_jax.data import op_base
+from micle_jax.data.augment import op_base
 
 # ITU-R 601 luma, the weights of tf.image.rgb_to_grayscale.
 LUMA = (0.2989, 0.587, 0.114)

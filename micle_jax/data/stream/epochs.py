@@ -1,4 +1,4 @@
-"""What an epoch is made of, and in which order: the units behind make_dataset.
+"""What an epoch is made of, and in which order: the units behind Data.dataset.
 
 A unit is an image (modes 'simclr', 'supervised', 'eval') or a case ('micle').
 Epoch e of a training stream is an order of this process's units drawn from
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from micle_jax.data import sources
+from micle_jax.data.sources import interface
 
 # Salts of the seed tree: one independent stream of randomness per purpose.
 ORDER, AUGMENT = 1, 2
@@ -37,7 +37,7 @@ def kept_mask(case_ids: np.ndarray, kept: list[str] | None) -> np.ndarray:
     return np.isin(case_ids.astype(bytes), np.array([k.encode() for k in kept], bytes))
 
 
-def num_units(counts: sources.CaseCounts, mode: str, kept: list[str] | None = None) -> int:
+def num_units(counts: interface.CaseCounts, mode: str, kept: list[str] | None = None) -> int:
     """Units of `mode` in a share: cases ('micle'), labelled images of the kept cases
     ('supervised'), images (otherwise)."""
     if mode == "micle":
@@ -49,7 +49,7 @@ def num_units(counts: sources.CaseCounts, mode: str, kept: list[str] | None = No
     return int(counts.images.sum())
 
 
-def pairs_per_epoch(counts: sources.CaseCounts, epoch_unit: str) -> int:
+def pairs_per_epoch(counts: interface.CaseCounts, epoch_unit: str) -> int:
     """Contrastive pairs in one config epoch of a share, whatever the mode.
 
     'images': one pair per image, 'cases': one per case. The same for
@@ -87,13 +87,13 @@ def table_units(table, mode: str, label_type: str, kept=None) -> dict[str, np.nd
     case_of_image = np.repeat(np.arange(table.num_cases), table.case_size)
     images = np.arange(table.num_images)
     if mode == "supervised":
-        usable = sources.usable_labels(label_type, table.label_class) > 0
+        usable = interface.usable_labels(label_type, table.label_class) > 0
         images = images[usable & kept_mask(table.case_ids, kept)[case_of_image]]
     return dict(first=images, count=np.ones_like(images), case=case_of_image[images])
 
 
 def table_elements(table, units: dict, positions: tf.data.Dataset) -> tf.data.Dataset:
-    """Maps unit positions (int64 []) to elements (see pairs.py) gathered from `table`."""
+    """Maps unit positions (int64 []) to elements (see examples.py) gathered from `table`."""
     first = tf.constant(units["first"], tf.int64)
     count = tf.constant(units["count"], tf.int32)
     case = tf.constant(units["case"], tf.int64)
