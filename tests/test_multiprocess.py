@@ -61,7 +61,13 @@ def launch_two(workdir, extra=(), config=CONFIG):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:  # a timeout or a failed peer must not leave the other process running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     return outs
