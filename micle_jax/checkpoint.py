@@ -106,6 +106,27 @@ def resolve(path: str) -> pathlib.Path:
     return ckpt_dir / str(steps[-1]) / "state"
 
 
+def select(workdir: str, which: str) -> str:
+    """The checkpoint `which` of a run, as a path `resolve` and `load_variables` accept.
+
+    Args:
+      workdir: a run's workdir.
+      which: 'final' (its latest checkpoint), 'best' (WORKDIR/best, kept by
+        fine-tuning with config.select_best) or a checkpoint path.
+    """
+    if which == "final":
+        return workdir
+    if which == "best":
+        path = rundir.best_dir(workdir)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"{path} does not exist: the run kept no best checkpoint (only fine-tuning "
+                "with config.select_best keeps one); use --checkpoint=final"
+            )
+        return path
+    return which
+
+
 def load_variables(path: str) -> dict:
     """Loads {'params': ..., 'batch_stats': ...} of a checkpoint as host numpy trees."""
     state_dir = resolve(path)
@@ -295,9 +316,21 @@ def merge_variables(target: dict, loaded: dict, prefixes: tuple[str, ...]) -> tu
         )
     if missing or extra or mismatched:
         lines = missing[:10] + extra[:10] + mismatched[:10]
+        hint = "same arch/width/head layers?"
+        if all(line.split("/")[:2] == ["params", "head"] for line in lines):
+            hint = (
+                "the supervised head differs: the checkpoint was trained for other classes or "
+                "reads another projection layer (init_proj_layers); set config.init.init_head="
+                "False to start the head fresh"
+            )
+        elif any("backbone/stem/" in line for line in lines):
+            hint = (
+                "the stems differ: SimCLR uses the CIFAR stem for images of at most 32 px and "
+                "the ImageNet stem above; set config.data.image_size or config.model.cifar_stem "
+                "to the checkpoint's"
+            )
         raise ValueError(
-            "init checkpoint does not match the model (same arch/width/head layers?):\n  "
-            + "\n  ".join(lines)
+            f"init checkpoint does not match the model ({hint}):\n  " + "\n  ".join(lines)
         )
     merged, copied = {}, []
     for collection, tree in target.items():

@@ -6,7 +6,7 @@
   `optim` fill a missing field from them, and `model_config`, `data_config`
   and `optim_config` build the blocks of the experiment configs from them.
 - `run_config`, `mesh_config`: the fields every trainer's config has.
-- `ARCHS` / `arch_fields`: architecture names like 'r50x4' -> model fields.
+- `ARCHS` / `arch_fields`: architecture names like 'r50x4' or 'r50_1x_sk0' -> model fields.
 - `parse_arg`: the one-string config argument of big_vision
   (`configs/x.py:arch=r50x4,runlocal=True`), typed by the defaults.
 - `get_steps`: durations given in steps or in epochs, converted in one place.
@@ -18,6 +18,8 @@ pulling in JAX or TensorFlow.
 """
 
 from __future__ import annotations
+
+import re
 
 import ml_collections
 
@@ -159,11 +161,33 @@ def parse_arg(arg: str | None, lazy: bool = False, **defaults) -> ml_collections
     return result
 
 
+# Any depth and width by pattern: 'r50x0.25', 'r101x2_sk', and SimCLR v2's
+# release names 'r50_1x_sk0' ... 'r152_3x_sk1' (SK ratio 0.0625 when sk1).
+_ARCH_PATTERN = re.compile(r"r(\d+)x(\d+(?:\.\d+)?)(_sk)?")
+_RELEASE_PATTERN = re.compile(r"r(\d+)_(\d+(?:\.\d+)?)x_sk([01])")
+SK_RATIO = 0.0625
+
+
 def arch_fields(arch: str) -> dict:
-    """Model config fields (depth, width, sk_ratio) for an architecture name like 'r50x4'."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
-    depth, width, sk_ratio = ARCHS[arch]
+    """Model config fields (depth, width, sk_ratio) for an architecture name.
+
+    Accepts the names of `ARCHS`, any 'r<depth>x<width>[_sk]' (e.g. 'r50x0.25',
+    'r101x2_sk') and SimCLR v2's release names ('r50_1x_sk0', 'r152_3x_sk1');
+    the depth is checked when the model is built.
+    """
+    if arch in ARCHS:
+        depth, width, sk_ratio = ARCHS[arch]
+    elif m := _ARCH_PATTERN.fullmatch(arch):
+        depth, width, sk_ratio = int(m[1]), float(m[2]), SK_RATIO if m[3] else 0.0
+    elif m := _RELEASE_PATTERN.fullmatch(arch):
+        depth, width, sk_ratio = int(m[1]), float(m[2]), SK_RATIO if m[3] == "1" else 0.0
+    else:
+        raise ValueError(
+            f"unknown arch {arch!r}; known: {', '.join(ARCHS)}, or any r<depth>x<width>[_sk] "
+            "(e.g. r50x0.25, r101x2_sk) or SimCLR release name (e.g. r50_1x_sk0)"
+        )
+    if isinstance(width, float) and width.is_integer():
+        width = int(width)
     return dict(depth=depth, width=width, sk_ratio=sk_ratio)
 
 

@@ -48,17 +48,7 @@ def load_run(workdir: str, which: str = "final"):
     """
     task = TaskInfo.load(workdir)
     config = ml_collections.ConfigDict(rundir.read_config(workdir))
-    if which == "final":
-        path = workdir
-    elif which == "best":
-        path = rundir.best_dir(workdir)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"{path} does not exist: the run kept no best checkpoint (config.select_best "
-                "was empty); use --checkpoint=final"
-            )
-    else:
-        path = which
+    path = checkpoint.select(workdir, which)
     mesh = sharding.make_mesh(config.mesh)
     model = build_model(config, task)
     loaded = checkpoint.load_variables(path)

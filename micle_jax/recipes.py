@@ -121,7 +121,8 @@ def finetune_config(arch: str) -> ml_collections.ConfigDict:
     Fields beyond pretrain_config's: `select_best` ('EVAL/METRIC' whose best
     value picks the 'best' checkpoint; '' = none), `evals` (see
     micle_jax/evaluators), `eval_batch_size`, `bootstrap_samples` (for the 95%
-    intervals), `zero_init_head`. `model.head_input` follows
+    intervals), `zero_init_head`, `init.init_head` (copy the init checkpoint's
+    supervised head too, when its classes are the task's). `model.head_input` follows
     `init.init_proj_layers` (SimCLR's ft_proj_selector: the head reads the
     output of the last projection layer copied from the init checkpoint).
     """
@@ -138,8 +139,11 @@ def finetune_config(arch: str) -> ml_collections.ConfigDict:
     # normalize_head_input: the projection layer the head reads starts at unit
     # BatchNorm scale (trainers/restore.py normalize_head_input: pre-training
     # leaves that scale arbitrary and it sets the head's effective step size).
+    # init_head: also copy the supervised head (a checkpoint whose classes are
+    # the task's, e.g. imported fine-tuned SimCLR weights); its input is then
+    # left as trained (no normalize_head_input).
     config.init = ml_collections.ConfigDict(
-        dict(checkpoint="", init_proj_layers=1, normalize_head_input=True)
+        dict(checkpoint="", init_proj_layers=1, normalize_head_input=True, init_head=False)
     )
     config.model = config_lib.model_config(arch, head_stop_gradient=False)
     config.model.head_input = config.init.get_ref("init_proj_layers")

@@ -217,7 +217,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         restore.weight_prefixes(config.init),
     )
     start_step = int(jax.device_get(state.step))
-    if start_step == 0 and config.init.checkpoint and config.init.normalize_head_input:
+    normalize = config.init.normalize_head_input and not config.init.get("init_head", False)
+    if start_step == 0 and config.init.checkpoint and normalize:
         state = _rescale_head_input(state, state_shardings, config.model.head_input)
     first_loss = FirstLoggedLoss(meta, resumed_meta, start_step)
 

@@ -71,16 +71,18 @@ def weight_prefixes(init_config) -> tuple[str, ...]:
     the model share (pre-training from a pre-training run: the whole head and
     its BatchNorm statistics, as SimCLR's --checkpoint restores the whole
     model; what a shallower or narrower head leaves fresh is logged). The
-    supervised head `head` is never copied: its classes may differ.
+    supervised head `head` is copied only when init_config.init_head is True
+    (fine-tuning configs; the checkpoint's classes must be the task's).
     """
     proj = int(init_config.get("init_proj_layers", 0) or 0)
     if proj < -1:
         raise ValueError(
             f"config.init.init_proj_layers={proj}: expected -1 (every shared layer) or k >= 0"
         )
+    head = ("head",) if init_config.get("init_head", False) else ()
     if proj == -1:
-        return ("backbone", checkpoint.SHARED_PROJECTION_LAYERS)
-    return ("backbone", *checkpoint.projection_layer_prefixes(proj))
+        return ("backbone", checkpoint.SHARED_PROJECTION_LAYERS, *head)
+    return ("backbone", *checkpoint.projection_layer_prefixes(proj), *head)
 
 
 def normalize_head_input(variables: dict, head_input: int) -> tuple[dict, float]:
