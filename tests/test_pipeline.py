@@ -142,10 +142,10 @@ def test_pick_two_is_uniform_over_ordered_pairs_of_different_images():
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])
-def test_process_shares_are_disjoint_and_cover_an_epoch(tmp_path, num_shards):
-    """By element (1 shard < 2 processes) and by file (3 shards): each image once."""
+def test_streamed_process_shares_are_disjoint_and_cover_an_epoch(tmp_path, num_shards):
+    """Streamed records: by element (1 shard < 2 processes) and by file (3 shards)."""
     source = tiny_records.write(tmp_path, tiny_records.make_cases([2, 1, 3, 1, 2]), num_shards)
-    cfg = data_config(source, cache_decoded=num_shards == 3)
+    cfg = data_config(source, cache_decoded=False)
     seen = []
     for index in range(2):
         n = epochs.num_units(
@@ -159,6 +159,57 @@ def test_process_shares_are_disjoint_and_cover_an_epoch(tmp_path, num_shards):
     assert sorted(seen[0] + seen[1]) == sorted(
         f"case{c:03d}/img{j}".encode() for c, n in enumerate([2, 1, 3, 1, 2]) for j in range(n)
     )
+
+
+@pytest.mark.parametrize("mode", ["simclr", "micle"])
+def test_in_memory_streams_are_the_same_on_any_process_count(tmp_path, mode):
+    """1, 2 and 4 processes read the same global batches: ids, labels and augmented pixels.
+
+    Also: no example twice in an epoch across processes, and a stream started at
+    step 1 on 2 processes continues the 1-process stream (a checkpoint resumes
+    on another topology at the same position).
+    """
+    source = tiny_records.write(tmp_path, tiny_records.make_cases([2, 1, 3, 1, 2, 2, 1, 3]), 3)
+    cfg = data_config(source, cache_decoded=True)
+    steps, batch = 3, 4
+    one = take(cfg, steps, mode=mode, global_batch_size=batch, seed=0)
+    for count in (2, 4):
+        per_process = [
+            take(
+                cfg,
+                steps,
+                mode=mode,
+                global_batch_size=batch,
+                seed=0,
+                process_index=i,
+                process_count=count,
+            )
+            for i in range(count)
+        ]
+        joined = [
+            {k: np.concatenate([p[step][k] for p in per_process]) for k in one[step]}
+            for step in range(steps)
+        ]
+        assert_same_batches(one, joined)
+    units = "case_id" if mode == "micle" else "image_id1"
+    epoch = [u for b in one[:2] for u in b[units]]  # 8 of the 8 cases / 15 images
+    assert len(set(epoch)) == len(epoch) == 8
+    resumed = [
+        take(
+            cfg,
+            2,
+            mode=mode,
+            global_batch_size=batch,
+            seed=0,
+            start_step=1,
+            process_index=i,
+            process_count=2,
+        )
+        for i in range(2)
+    ]
+    for step in range(2):
+        joined = {k: np.concatenate([p[step][k] for p in resumed]) for k in one[step + 1]}
+        assert_same_batches([one[step + 1]], [joined])
 
 
 def test_in_memory_shares_by_case(table):

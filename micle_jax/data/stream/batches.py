@@ -4,6 +4,16 @@
 module builds the stream from an opened source: the units of epochs.py in
 their seeded order, the examples of examples.py, batching and the eval
 padding.
+
+Topology. An in-memory source (or one with data.cache_decoded) gives a
+global training stream: every process holds the whole split, the units come
+in the seeded permutation of all of them, and each example's augmentation
+is keyed on its global index. Process p of P takes its slice of every
+global batch, so 1 process x 4 devices, 2 x 2 and 4 x 1 read the same global
+batches (and resume each other's checkpoints at the same position). A
+streamed source is too big for that: each process reads its own share of
+the files (big_vision's per-host input), and its stream depends on the
+process count.
 """
 
 from __future__ import annotations
@@ -65,7 +75,11 @@ def build(
     index, count = share.index, share.count
     calls = cfg["num_parallel_calls"]
     in_memory = source.in_memory or cfg["cache_decoded"]
-    table = source.table(cfg["split"], share, calls) if in_memory else None
+    # In memory, the training streams are global: every process holds the
+    # whole split and takes its slice of each global batch (see the module
+    # docstring); evaluation reads this process's share.
+    table_share = share if mode == "eval" else interface.Share()
+    table = source.table(cfg["split"], table_share, calls) if in_memory else None
     if in_memory:
         units = epochs.table_units(table, mode, info.label_type, kept)
         n = len(units["first"])
@@ -82,7 +96,9 @@ def build(
         cfg["image_size"],
         info.label_type,
         cfg["uncertain_policy"],
-        epochs.seed_root(seed, epochs.AUGMENT, index),
+        # Global streams key every example on its global index under the root of
+        # process 0 (a 1-process run keeps its stream); streamed ones per process.
+        epochs.seed_root(seed, epochs.AUGMENT, 0 if in_memory else index),
     )
     # Plain TF ops, no Python control flow on tensors: AutoGraph has nothing to
     # convert, and converting library code only slows tracing down.
@@ -95,34 +111,53 @@ def build(
             elements = epochs.stream_units(source, cfg["split"], mode, share)
         return _eval_batches(source, cfg, elements, maker, batch, share, streamed=not in_memory)
 
-    first = start_step * batch
-    e0, skip = divmod(first, n)
     if in_memory:
-        elements = epochs.table_elements(table, units, epochs.permuted_positions(n, seed, e0, skip))
+        ds = _global_slice(table, units, seed, start_step, batch, share)
     else:
+        first = start_step * batch
+        e0, skip = divmod(first, n)
         lookup = epochs.kept_lookup(kept)
         elements = epochs.shuffled_stream(
             source, cfg["split"], mode, share, lookup, seed, e0, skip, cfg["shuffle_buffer"]
         )
-    ds = elements.enumerate(start=first)
+        ds = elements.enumerate(start=first)
     ds = ds.map(make_example, num_parallel_calls=calls, deterministic=True)
     if not in_memory:
         # Corrupt images that pass the byte check fail to decode: skipped and logged.
         ds = ds.ignore_errors(log_warning=True)
     logging.info(
-        "%s %s split %r: %d units/epoch in process %d of %d, batch %d, from step %d (epoch %d)",
+        "%s %s split %r: %d units/epoch %s, process %d of %d, batch %d, from step %d",
         info.name,
         mode,
         cfg["split"],
         n,
+        "in every process (global stream)" if in_memory else "in this process's files",
         index,
         count,
         batch,
         start_step,
-        e0,
     )
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options())
+
+
+def _global_slice(table, units, seed, start_step, batch, share) -> tf.data.Dataset:
+    """(global example index, element) of this process's slice of every global batch.
+
+    The global stream is the seeded epoch permutations of all units; global
+    step s holds examples [s * B, (s + 1) * B) of it (B = batch * processes),
+    and process p takes [s * B + p * batch, s * B + (p + 1) * batch). Example
+    g's augmentation is keyed on g: the global batches, and so the run, are
+    the same on any number of processes.
+    """
+    n = len(units["first"])
+    global_batch = batch * share.count
+    first = start_step * global_batch
+    e0, skip = divmod(first, n)
+    positions = epochs.permuted_positions(n, seed, e0, skip).enumerate(start=first)
+    mine = positions.filter(lambda g, _: (g % global_batch) // batch == share.index)
+    lookup = epochs.table_lookup(table, units)
+    return mine.map(lambda g, u: (g, lookup(u)))
 
 
 def _eval_batches(source, cfg, elements, maker, batch, share, streamed):

@@ -94,6 +94,11 @@ def table_units(table, mode: str, label_type: str, kept=None) -> dict[str, np.nd
 
 def table_elements(table, units: dict, positions: tf.data.Dataset) -> tf.data.Dataset:
     """Maps unit positions (int64 []) to elements (see examples.py) gathered from `table`."""
+    return positions.map(table_lookup(table, units))
+
+
+def table_lookup(table, units: dict):
+    """The function unit position (int64 []) -> element (see examples.py) of `table`."""
     first = tf.constant(units["first"], tf.int64)
     count = tf.constant(units["count"], tf.int32)
     case = tf.constant(units["case"], tf.int64)
@@ -112,7 +117,7 @@ def table_elements(table, units: dict, positions: tf.data.Dataset) -> tf.data.Da
             "first": first[u],
         }
 
-    return positions.map(lookup)
+    return lookup
 
 
 def permuted_positions(n: int, seed: int, e0: int, skip: int) -> tf.data.Dataset:
