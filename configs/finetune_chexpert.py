@@ -28,6 +28,10 @@ and the fine-tuning values (SimCLR v2's: LARS, lr 0.005 x sqrt(batch), batch
 1024, 60 epochs, no warm-up or weight decay; recipes.finetune_config).
 Chosen: 224 px, the 'cxr' augmentation without blur (as the paper's
 pre-training), validation mean AUC every 500 steps selects the best checkpoint.
+The test evals also report per-finding calibration (before/after a temperature
+fitted on the validation eval), operating points (thresholds for 90% / 95%
+specificity and sensitivity chosen on validation) and every metric by metadata
+subgroup (sex, age band, view, ...): micle_jax/evaluators/clinical.py.
 """
 
 from micle_jax import config_lib, recipes
@@ -51,6 +55,8 @@ NIH_TO_CHEXPERT = {
     "Pneumonia": "",
     "Pneumothorax": "",
 }
+# The final test evals' clinical metrics (micle_jax/evaluators/clinical.py).
+CLINICAL = dict(fit_on="validation", calibration=True, operating_points=True, subgroups="auto")
 # runlocal: synthetic cases with 5 multilabel findings (some uncertain).
 SYNTHETIC = (
     "synthetic:num_cases=96,num_classes=5,image_size=32,max_images_per_case=2,multilabel=True"
@@ -88,10 +94,13 @@ def get_config(arg=None):
     config.evals.validation = dict(
         type="multilabel", data=dict(split="validation"), every_steps=500
     )
-    config.evals.test = dict(type="multilabel", data=dict(split="test"))
+    config.evals.test = dict(type="multilabel", data=dict(split="test"), **CLINICAL)
     if arg.shifted_eval:
         config.evals.shift_nih = dict(
-            type="multilabel", data=dict(source=shift_source, split="test"), label_map=label_map
+            type="multilabel",
+            data=dict(source=shift_source, split="test"),
+            label_map=label_map,
+            **CLINICAL,
         )
     if arg.runlocal:
         recipes.runlocal_finetune(config)

@@ -28,13 +28,19 @@ shifted test set. Not published, SimCLR v2's fine-tuning values used (see
 recipes.finetune_config): LARS, lr 0.005 x sqrt(batch), batch 1024, 60
 epochs, no warm-up, no weight decay. Chosen here: 224 px, validation every
 500 steps selecting the best checkpoint by validation accuracy, the
-'supervised' augmentation (crop, flip, light colour jitter).
+'supervised' augmentation (crop, flip, light colour jitter). The test evals
+also report calibration (ECE, Brier, before/after a temperature fitted on the
+validation eval), operating points (thresholds for 90% / 95% specificity and
+sensitivity chosen on validation) and every metric by metadata subgroup
+(sex, age band, site, ... as the records have them): micle_jax/evaluators/clinical.py.
 """
 
 from micle_jax import config_lib, recipes
 
 RECORDS = "data/derm"
 DEMO_RECORDS = "data/demo/pneumoniamnist"
+# The final test evals' clinical metrics (micle_jax/evaluators/clinical.py).
+CLINICAL = dict(fit_on="validation", calibration=True, operating_points=True, subgroups="auto")
 
 
 def get_config(arg=None):
@@ -61,11 +67,11 @@ def get_config(arg=None):
     config.evals.validation = dict(
         type="classification", data=dict(split="validation"), every_steps=500
     )
-    config.evals.test = dict(type="classification", data=dict(split="test"))
+    config.evals.test = dict(type="classification", data=dict(split="test"), **CLINICAL)
     if arg.shifted_eval:
         shift = records if arg.runlocal else arg.shift_records
         config.evals.shift_test = dict(
-            type="classification", data=dict(source=f"records:{shift}", split="test")
+            type="classification", data=dict(source=f"records:{shift}", split="test"), **CLINICAL
         )
     if arg.runlocal:
         recipes.runlocal_finetune(config)

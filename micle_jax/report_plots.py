@@ -1,6 +1,11 @@
-"""The report's figures: label-efficiency curves and in-domain vs shifted bars.
+"""The report's figures, and the reliability diagrams a run writes next to its results.
 
-Both take the summary rows of `report_summary.aggregate` (mean and 95% CI per group).
+From the summary rows of `report_summary.aggregate` (mean and 95% CI per group):
+label-efficiency curves, in-domain vs shifted bars, ECE before and after
+temperature scaling (`plot_calibration`) and every subgroup against the whole
+population (`plot_subgroups`). From one run's artifacts: its reliability
+diagrams, WORKDIR/plots/reliability_<eval>_<checkpoint>.png (`write_run_plots`,
+called by the fine-tuning trainer and --mode=eval).
 Figures are drawn with matplotlib's object API on the Agg canvas (no display,
 no pyplot global state), so they work on headless machines and inside tests.
 """
@@ -16,9 +21,11 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from micle_jax import report_summary
+from micle_jax import report_summary, rundir
 
 _NOT_IN_PANEL_KEY = {"method", "label_fraction", "dataset", "split", "eval", "tuned"}
+# Subgroup figures: the whole-population metrics a reader compares groups on.
+SUBGROUP_PLOT_METRICS = ("accuracy", "balanced_accuracy", "auc_mean", "ece", "brier")
 
 
 def _slug(parts: Sequence) -> str:
@@ -37,6 +44,11 @@ def _methods(rows: Sequence[dict]) -> list:
     return sorted({r["method"] for r in rows}, key=report_summary.sort_key)
 
 
+def _population(summary: Sequence[dict]) -> list[dict]:
+    """Rows of the whole population, without operating points (one panel per metric)."""
+    return [r for r in summary if r.get("subgroup") is None and r.get("target") is None]
+
+
 def plot_label_efficiency(summary: Sequence[dict], params: Sequence[str], out: str) -> list[str]:
     """One PNG per (dataset, metric, ...): metric vs label fraction, a line and 95% band per method.
 
@@ -53,11 +65,11 @@ def plot_label_efficiency(summary: Sequence[dict], params: Sequence[str], out: s
     # 'tuned' (the hyper-parameter chosen per arm) differs between the points of one curve.
     columns = [
         c
-        for c in (*params, *report_summary.RESULT_KEYS)
+        for c in (*params, *report_summary.RESULT_KEYS, "calibration")
         if c not in ("method", "label_fraction", "tuned")
     ]
     panels = collections.defaultdict(list)
-    for row in summary:
+    for row in _population(summary):
         if isinstance(row["label_fraction"], int | float):
             panels[tuple(row[c] for c in columns)].append(row)
     panels = {k: v for k, v in panels.items() if len({r["label_fraction"] for r in v}) > 1}
@@ -102,11 +114,13 @@ def plot_distribution_shift(summary: Sequence[dict], params: Sequence[str], out:
     """
     if "method" not in params:
         return []
-    columns = [c for c in (*params, *report_summary.RESULT_KEYS) if c not in _NOT_IN_PANEL_KEY]
-    popularity = collections.Counter(r["dataset"] for r in summary)
+    keys = (*params, *report_summary.RESULT_KEYS, "calibration")
+    columns = [c for c in keys if c not in _NOT_IN_PANEL_KEY]
+    population = _population(summary)
+    popularity = collections.Counter(r["dataset"] for r in population)
     panels = collections.defaultdict(list)
-    for row in summary:
-        panels[tuple(row[c] for c in columns)].append(row)
+    for row in population:
+        panels[tuple(row.get(c) for c in columns)].append(row)
     selected = {}
     for key, rows in panels.items():
         if any(r["split"] == "test" for r in rows):
@@ -153,3 +167,197 @@ def plot_distribution_shift(summary: Sequence[dict], params: Sequence[str], out:
 
 def _nan_to_zero(x: float) -> float:
     return 0.0 if math.isnan(x) else max(x, 0.0)
+
+
+def _panels(rows: Sequence[dict], columns: Sequence[str]) -> dict[tuple, list[dict]]:
+    panels = collections.defaultdict(list)
+    for row in rows:
+        panels[tuple(row.get(c) for c in columns)].append(row)
+    return panels
+
+
+def plot_calibration(summary: Sequence[dict], params: Sequence[str], out: str) -> list[str]:
+    """One PNG per (dataset, split, eval, checkpoint, ...): ECE before and after temperature
+    scaling, bars per method with 95% CI error bars (the whole population's 'ece').
+
+    Returns:
+      The paths written (none without calibration rows).
+    """
+    if "method" not in params:
+        return []
+    rows = [
+        r for r in _population(summary) if r["metric"] == "ece" and r.get("calibration") is not None
+    ]
+    keys = (*params, *report_summary.RESULT_KEYS)
+    columns = [c for c in keys if c not in ("method", "tuned", "metric")]
+    panels = _panels(rows, columns)
+    keys = list(panels)
+    paths = []
+    for key, (name, title) in zip(keys, _panel_labels(keys, columns, ("eval",)), strict=True):
+        rows = panels[key]
+        methods = _methods(rows)
+        tags = sorted({r["calibration"] for r in rows}, reverse=True)  # before, then after
+        width = 0.8 / len(tags)
+        fig = Figure(figsize=(3.5 + 1.2 * len(methods), 4), dpi=100, layout="constrained")
+        ax = fig.add_subplot()
+        for i, tag in enumerate(tags):
+            by_method = {r["method"]: r for r in rows if r["calibration"] == tag}
+            means, errors = [], [[], []]
+            for method in methods:
+                r = by_method.get(method)
+                means.append(r["mean"] if r else math.nan)
+                errors[0].append(_nan_to_zero(r["mean"] - r["ci_low"]) if r else 0.0)
+                errors[1].append(_nan_to_zero(r["ci_high"] - r["mean"]) if r else 0.0)
+            x = np.arange(len(methods)) + (i - (len(tags) - 1) / 2) * width
+            ax.bar(x, means, width, yerr=errors, capsize=3, label=tag.replace("_", " "))
+        ax.set_xticks(np.arange(len(methods)), [str(m) for m in methods])
+        ax.set_ylabel("expected calibration error (15 bins)")
+        ax.set_title(f"Calibration: {title}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        path = os.path.join(out, f"calibration_{name}.png")
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
+def plot_subgroups(summary: Sequence[dict], params: Sequence[str], out: str) -> list[str]:
+    """One PNG per (dataset, split, eval, checkpoint, subgroup column, ...): a panel per
+    SUBGROUP_PLOT_METRICS metric, each subgroup's mean and 95% CI per method, and the whole
+    population's value as a dashed line (uncalibrated values; no operating points).
+
+    Returns:
+      The paths written (none without subgroup rows).
+    """
+    if "method" not in params:
+        return []
+
+    def plotted(row):
+        return row["metric"] in SUBGROUP_PLOT_METRICS and row.get("calibration") in (
+            None,
+            "before_temperature",
+        )
+
+    rows = [r for r in summary if r.get("subgroup") is not None and r.get("target") is None]
+    rows = [r for r in rows if plotted(r)]
+    whole = [r for r in _population(summary) if plotted(r)]
+    keys = (*params, *report_summary.RESULT_KEYS)
+    base = [c for c in keys if c not in ("method", "tuned", "metric")]
+    panels = _panels(rows, [*base, "subgroup_by"])
+    keys = list(panels)
+    paths = []
+    labels = _panel_labels(keys, [*base, "subgroup_by"], ("eval", "subgroup_by"))
+    for key, (name, title) in zip(keys, labels, strict=True):
+        rows = panels[key]
+        metrics = [m for m in SUBGROUP_PLOT_METRICS if any(r["metric"] == m for r in rows)]
+        groups = list(dict.fromkeys(r["subgroup"] for r in rows))
+        methods = _methods(rows)
+        fig = Figure(
+            figsize=(3.2 * len(metrics) + 1, 1 + 0.35 * len(groups) * max(1, len(methods) / 2)),
+            dpi=100,
+            layout="constrained",
+        )
+        axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+        offsets = (np.arange(len(methods)) - (len(methods) - 1) / 2) * 0.8 / max(len(methods), 1)
+        for ax, metric in zip(axes, metrics, strict=True):
+            for j, method in enumerate(methods):
+                by_group = {
+                    r["subgroup"]: r
+                    for r in rows
+                    if r["metric"] == metric and r["method"] == method
+                }
+                y = [i + offsets[j] for i, g in enumerate(groups) if g in by_group]
+                found = [by_group[g] for g in groups if g in by_group]
+                x = np.array([r["mean"] for r in found])
+                err = [
+                    [_nan_to_zero(r["mean"] - r["ci_low"]) for r in found],
+                    [_nan_to_zero(r["ci_high"] - r["mean"]) for r in found],
+                ]
+                (line,) = ax.plot(x, y, "o", label=str(method))
+                ax.errorbar(x, y, xerr=err, fmt="none", ecolor=line.get_color(), capsize=2)
+                info = dict(zip(base, key, strict=False))
+                same = [
+                    r
+                    for r in whole
+                    if r["metric"] == metric
+                    and r["method"] == method
+                    and all(r.get(c) == info[c] for c in base)
+                ]
+                if same:
+                    ax.axvline(same[0]["mean"], color=line.get_color(), linestyle="--", alpha=0.6)
+            ax.set_title(metric, fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(np.arange(len(groups)), groups)
+        axes[0].invert_yaxis()
+        axes[-1].legend(title="dashed: whole population", fontsize=7, title_fontsize=7)
+        fig.suptitle(f"Subgroups: {title} (95% CI)", fontsize=9)
+        path = os.path.join(out, f"subgroups_{name}.png")
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
+def plot_reliability(curves: Sequence[dict], title: str, path: str) -> str:
+    """A reliability diagram: outcome rate vs mean score per bin, before/after temperature.
+
+    Args:
+      curves: an eval's artifacts['reliability'] (evaluators/calibration.py
+        reliability_curves): one panel per class (one for multiclass top-1).
+      title: the figure's title; path: the PNG to write.
+    """
+    classes = list(dict.fromkeys(c["class"] for c in curves))
+    fig = Figure(figsize=(3.6 * len(classes), 4.6), dpi=100, layout="constrained")
+    axes = fig.subplots(
+        2, len(classes), squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    for col, name in enumerate(classes):
+        ax, hist = axes[0][col], axes[1][col]
+        ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect calibration")
+        for curve in (c for c in curves if c["class"] == name):
+            score = np.array(curve["score"], dtype=float)
+            outcome = np.array(curve["outcome"], dtype=float)
+            filled = ~np.isnan(score)
+            label = curve["calibration"].replace("_", " ")
+            (line,) = ax.plot(score[filled], outcome[filled], "o-", label=label)
+            edges = np.array(curve["edges"])
+            hist.bar(
+                edges[:-1],
+                curve["count"],
+                np.diff(edges),
+                align="edge",
+                alpha=0.4,
+                color=line.get_color(),
+            )
+        ax.set_title("top-1 confidence" if name is None else str(name), fontsize=9)
+        ax.set_ylabel("accuracy" if name is None else "fraction positive")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        hist.set_xlabel("mean score in bin" if name is not None else "confidence")
+        hist.set_ylabel("images")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path)
+    return path
+
+
+def write_run_plots(workdir: str, artifacts: dict) -> list[str]:
+    """A run's reliability diagrams, WORKDIR/plots/reliability_<eval>_<checkpoint>.png.
+
+    Args:
+      workdir: the run directory.
+      artifacts: results.json's {'<eval>/<checkpoint>': artifacts}.
+
+    Returns:
+      The paths written (none when no eval has calibration on).
+    """
+    paths = []
+    for key, artifact in sorted(artifacts.items()):
+        curves = (artifact or {}).get("reliability")
+        if not curves:
+            continue
+        folder = os.path.join(workdir, rundir.PLOTS_DIR)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"reliability_{_slug(key.split('/'))}.png")
+        paths.append(plot_reliability(curves, f"Reliability: {key}", path))
+    return paths

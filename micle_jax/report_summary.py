@@ -3,9 +3,11 @@
 `collect` reads ROOT/<run>/results.json and ROOT/<run>/sweep_run.json into one
 row per (run, result entry); `select_tuned` keeps the runs of the
 hyper-parameters chosen on validation; `aggregate` groups the rows by every
-parameter but the seed and by RESULT_KEYS into summary rows (mean, 95% CI)
-that the report's tables (report.py) and figures (report_plots.py) show, in
-the order `sort_key` gives (numbers, then METHOD_ORDER, then text).
+parameter but the seed, by RESULT_KEYS and by the FACETS (calibration before
+or after temperature scaling, an operating point's target, a subgroup) into
+summary rows (mean, 95% CI) that the report's tables (report.py) and figures
+(report_plots.py) show, in the order `sort_key` gives (numbers, then
+METHOD_ORDER, then text; subgroups in the order the runs list them).
 
 Confidence intervals. Seeds are independent repeats of the whole fine-tuning,
 so the interval of the mean over n > 1 seeds is the t interval
@@ -37,12 +39,17 @@ from micle_jax import rundir
 RESULT_KEYS = ("dataset", "split", "eval", "checkpoint", "metric")
 # results.json entry fields that say which comparison a number belongs to.
 ENTRY_TAGS = ("protocol", "label_fraction")
+# results.json entry fields that say which facet of an evaluation a number is
+# (not a parameter of the run: a tuned arm spans them).
+FACETS = rundir.RESULT_TAGS
+# An entry field describing a subgroup that had too few cases for metrics.
+TOO_SMALL = "too_small"
 # A row's run's sweep_run.json 'tune' ({'params', 'select'}) plus 'arm': its other parameters.
 TUNE_KEY = "_tune"
 # How methods are ordered in tables and figures: baselines first.
 METHOD_ORDER = ("supervised", "scratch", "simclr", "micle")
 # Row fields that are a result, not a parameter of the run.
-_VALUE_KEYS = {"value", "ci_low", "ci_high", "step", *RESULT_KEYS}
+_VALUE_KEYS = {"value", "ci_low", "ci_high", "step", TOO_SMALL, *RESULT_KEYS, *FACETS}
 
 
 def _read_json(path: str):
@@ -135,10 +142,12 @@ def _result_rows(data, run: str, params: dict) -> list[dict]:
         }
         # One run may report several protocols and label fractions (the frozen
         # feature evaluation): those of the entry win over the run's parameters.
-        for tag in ENTRY_TAGS:
+        for tag in (*ENTRY_TAGS, *FACETS):
             if tag in entry:
                 row[tag] = entry[tag]
-        key = tuple(row[k] for k in (*RESULT_KEYS, *ENTRY_TAGS) if k in row)
+        if entry.get(TOO_SMALL):
+            row[TOO_SMALL] = True
+        key = tuple((k, row[k]) for k in (*RESULT_KEYS, *ENTRY_TAGS, *FACETS) if k in row)
         if key not in latest or row["step"] >= latest[key]["step"]:
             latest[key] = row
     return list(latest.values())
@@ -168,7 +177,7 @@ def seed_interval(values: Sequence[float], ci_lows: Sequence[float], ci_highs: S
 
 def param_columns(rows: Sequence[dict]) -> list[str]:
     """The sweep parameters rows are grouped by: method, label_fraction, then the rest."""
-    skip = {"run", "seed", "value", "ci_low", "ci_high", "step", TUNE_KEY, *RESULT_KEYS}
+    skip = {"run", "seed", TUNE_KEY, *_VALUE_KEYS}
     names = {k for row in rows for k in row if k not in skip}
     first = [k for k in ("method", "protocol", "label_fraction") if k in names]
     return first + sorted(names - set(first))
@@ -211,7 +220,12 @@ def select_tuned(rows: Sequence[dict]) -> tuple[list[dict], list[str]]:
         scores: dict[tuple, list[float]] = collections.defaultdict(list)
         for run_rows in runs.values():
             value = tuple(run_rows[0].get(n) for n in names)
-            chosen = [r for r in run_rows if (r["eval"], r["metric"]) == (eval_name, metric)]
+            chosen = [
+                r
+                for r in run_rows
+                if (r["eval"], r["metric"]) == (eval_name, metric)
+                and not any(r.get(f) is not None for f in FACETS)
+            ]
             # The label of the checkpoint kept under WORKDIR/best (rundir.checkpoint_label).
             best = [r for r in chosen if r["checkpoint"] == rundir.BEST_DIR] or chosen
             if best:
@@ -250,17 +264,23 @@ def sort_key(value) -> tuple:
 
 
 def aggregate(rows: Sequence[dict]) -> tuple[list[dict], list[str]]:
-    """Groups rows by every parameter but the seed and by RESULT_KEYS.
+    """Groups rows by every parameter but the seed, by RESULT_KEYS and by FACETS.
 
     Returns:
-      (summary rows with params, RESULT_KEYS, n, mean, ci_low, ci_high, std,
-      ci_method, seeds, values; the parameter column names).
+      (summary rows with params, RESULT_KEYS, FACETS (None where a row has
+      none), n, mean, ci_low, ci_high, std, ci_method, seeds, values, and
+      too_small (a subgroup too small for metrics in some run); the parameter
+      column names).
     """
     params = param_columns(rows)
+    # Subgroups keep the order the evaluations wrote them in (age bands, 'unknown' last).
+    first_seen = {}
+    for row in rows:
+        first_seen.setdefault(row.get("subgroup"), len(first_seen))
     groups = collections.defaultdict(list)
     for row in rows:
         key = tuple(row.get(k) for k in params) + tuple(row[k] for k in RESULT_KEYS)
-        groups[key].append(row)
+        groups[key + tuple(row.get(f) for f in FACETS)].append(row)
     summary = []
     for key, members in groups.items():
         members = sorted(members, key=lambda r: sort_key(r.get("seed")))
@@ -269,7 +289,7 @@ def aggregate(rows: Sequence[dict]) -> tuple[list[dict], list[str]]:
             [r["ci_low"] for r in members],
             [r["ci_high"] for r in members],
         )
-        out = dict(zip((*params, *RESULT_KEYS), key, strict=True))
+        out = dict(zip((*params, *RESULT_KEYS, *FACETS), key, strict=True))
         out.update(
             n=len(members),
             mean=mean,
@@ -280,8 +300,17 @@ def aggregate(rows: Sequence[dict]) -> tuple[list[dict], list[str]]:
             seeds=" ".join(str(r.get("seed", "-")) for r in members),
             values=" ".join(f"{r['value']:.6g}" for r in members),
         )
+        if any(r.get(TOO_SMALL) for r in members):
+            out[TOO_SMALL] = True
         summary.append(out)
     first = [p for p in ("method", "label_fraction") if p in params]
-    order = [*RESULT_KEYS, *(p for p in params if p not in first), *first]
-    summary.sort(key=lambda r: tuple(sort_key(r.get(k)) for k in order))
+    order = [*RESULT_KEYS[:-1], "subgroup_by", "subgroup", RESULT_KEYS[-1], "calibration"]
+    order += ["target", *(p for p in params if p not in first), *first]
+
+    def sort_value(row, k):
+        if k == "subgroup":
+            return (0, float(first_seen[row.get(k)]), "")
+        return sort_key(row.get(k))
+
+    summary.sort(key=lambda r: tuple(sort_value(r, k) for k in order))
     return summary, params

@@ -7,6 +7,8 @@ and `predict` share:
   WORKDIR/run_status.json            'running' | 'preempted' | 'failed' | 'finished',
                                      step, total_steps, ... (STATUS_FILE)
   WORKDIR/results.json               evaluation rows (RESULTS_FILE, `write_results`)
+  WORKDIR/plots/                     reliability diagrams of the evals (PLOTS_DIR,
+                                     micle_jax/report_plots.py write_run_plots)
   WORKDIR/task_info.json             a fine-tuned model's classes (TASK_FILE)
   WORKDIR/label_fraction_cases.txt   training cases kept by a label fraction (CASES_FILE)
   WORKDIR/sweep_run.json             the run's identity in a sweep (RUN_FILE, launch/sweep.py)
@@ -39,6 +41,12 @@ CASES_FILE = "label_fraction_cases.txt"
 RUN_FILE = "sweep_run.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
+PLOTS_DIR = "plots"
+# results.json row fields that say which facet of an evaluation a number is
+# (micle_jax/evaluators/clinical.py): 'calibration' ('before_temperature' |
+# 'after_temperature'), an operating point's 'target' ('specificity=0.9'), a
+# subgroup's column 'subgroup_by' ('sex') and group 'subgroup' ('sex=female').
+RESULT_TAGS = ("calibration", "target", "subgroup_by", "subgroup")
 
 
 @contextlib.contextmanager
@@ -157,7 +165,9 @@ def write_results(
     "artifacts": {"<eval>/<checkpoint>": {...}}} (artifacts such as confusion
     matrices, which are not single numbers). Each row: eval, metric, value,
     ci_low, ci_high, split, dataset, step, checkpoint, plus tags such as
-    protocol and label_fraction (micle_jax/report.py reads them).
+    protocol and label_fraction and the RESULT_TAGS facets, and fields that
+    describe a number (an operating point's 'threshold', 'fit_on', a small
+    subgroup's 'too_small'); micle_jax/report.py reads them.
     """
     path = os.path.join(workdir, RESULTS_FILE)
     if _is_main_process():

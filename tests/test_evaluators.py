@@ -1,15 +1,26 @@
-"""Evaluator metrics against scikit-learn, the case bootstrap, label maps, k-NN and probes."""
+"""Evaluator metrics against scikit-learn, the case bootstrap, label maps, k-NN and probes;
+calibration, operating points and subgroups through the evaluators (fit_on)."""
 
+import os
+import pathlib
+import zlib
+
+import ml_collections
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
-from micle_jax.evaluators import bootstrap, metrics
-from micle_jax.evaluators.classification import classification_metrics
+from micle_jax import config_lib, evaluators, report_plots
+from micle_jax.evaluators import bootstrap, metrics, subgroups
+from micle_jax.evaluators.classification import ClassificationEvaluator, classification_metrics
+from micle_jax.evaluators.clinical import check_fit_on
+from micle_jax.evaluators.eval_data import Context
 from micle_jax.evaluators.knn import knn_scores
 from micle_jax.evaluators.labels import LabelMap
 from micle_jax.evaluators.linear_probe import fit_linear_probe
 from micle_jax.evaluators.multilabel import multilabel_metrics
+from micle_jax.task import TaskInfo
 
 
 @pytest.fixture
@@ -361,3 +372,170 @@ def test_knn_auc_mean_is_that_of_the_vote_shares():
     hard = skm.roc_auc_score(y_test, np.eye(3)[votes.argmax(1)], multi_class="ovr")
     assert metrics.macro_auc(votes, y_test) == pytest.approx(hard, abs=1e-3)
     assert want > hard + 0.02
+
+
+# --- Calibration, operating points and subgroups wired through the evaluators (clinical.py).
+
+HAM10000 = pathlib.Path(__file__).resolve().parents[1] / "data" / "demo" / "ham10000"
+HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+CLINICAL = dict(fit_on="validation", calibration=True, operating_points=True, subgroups="auto")
+
+
+class FakePredictor:
+    """Logits from each image's label and id, noisier on each call (so that the splits'
+    fitted temperatures differ); records which image ids every call saw."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, variables, batches, outputs):
+        del variables, outputs
+        keep = {"logits": [], "label": [], "case_id": [], "image_id": []}
+        scale = 1.0 + 2.0 * len(self.calls)
+        for batch in batches:
+            for i in np.flatnonzero(batch["mask"] > 0):
+                image_id = batch["image_id"][i].decode()
+                rng = np.random.default_rng(zlib.crc32(image_id.encode()))
+                label = int(batch["label"][i])
+                keep["logits"].append(scale * (rng.normal(size=7) + 1.5 * np.eye(7)[label]))
+                keep["label"].append(label)
+                keep["case_id"].append(batch["case_id"][i].decode())
+                keep["image_id"].append(image_id)
+        self.calls.append(keep["image_id"])
+        out = {k: np.array(v, dtype=object if "id" in k else None) for k, v in keep.items()}
+        out["logits"] = out["logits"].astype(np.float32)
+        return out
+
+
+def _ham_evaluators(test_entry, predictor=None):
+    config = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            batch_size=64,
+            eval_batch_size=512,
+            bootstrap_samples=20,
+            data=config_lib.data_config(
+                source=f"records:{HAM10000}", split="train", image_size=8, mode="supervised"
+            ),
+        )
+    )
+    task = TaskInfo("multiclass", HAM_CLASSES, 8, "ham10000")
+    ctx = Context(config=config, task=task, predictor=predictor or FakePredictor())
+    evals = {
+        "validation": ClassificationEvaluator(
+            "validation", dict(type="classification", data=dict(split="validation")), ctx
+        ),
+        "test": ClassificationEvaluator("test", dict(type="classification", **test_entry), ctx),
+    }
+    check_fit_on(evals)
+    return evals, ctx.predictor
+
+
+@pytest.fixture(scope="module")
+def ham_run():
+    """One final evaluation of HAM10000's validation and test splits with CLINICAL on test."""
+    evals, predictor = _ham_evaluators(dict(data=dict(split="test"), **CLINICAL))
+    outputs, rows, artifacts = evaluators.run_evaluators(evals, {}, 100, "final")
+    return evals, predictor, outputs, rows, artifacts
+
+
+def test_test_eval_fits_on_the_validation_predictions_of_the_same_run(ham_run):
+    evals, predictor, outputs, rows, _ = ham_run
+    # Validation predicted once, first, and reused; test predicted once.
+    assert len(predictor.calls) == 2
+    validation, test = outputs["validation"].predictions, outputs["test"].predictions
+    assert list(validation.image_ids) == predictor.calls[0]
+    assert list(test.image_ids) == predictor.calls[1]
+    by_key = {
+        (r["metric"], r.get("target"), r.get("calibration"), r.get("subgroup")): r for r in rows
+    }
+    # The temperature is validation's NLL minimum (a grid, not the fitting code), not test's.
+    grid = np.exp(np.linspace(np.log(0.2), np.log(10), 4001))
+    labels = validation.labels
+
+    def nll(pred, t):
+        z = pred.logits.astype(np.float64) / t
+        z = z - z.max(1, keepdims=True)
+        return np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), pred.labels])
+
+    best = grid[np.argmin([nll(validation, t) for t in grid])]
+    temperature = by_key[("temperature", None, "after_temperature", None)]
+    assert temperature["value"] == pytest.approx(best, rel=2e-3)
+    assert temperature["fit_on"] == "validation" and np.isnan(temperature["ci_low"])
+    on_test = grid[np.argmin([nll(test, t) for t in grid])]
+    assert abs(on_test - best) > 0.5
+    # The 90%-specificity threshold for 'mel' is validation's ROC point; test's rates at it
+    # are sklearn's.
+    mel = HAM_CLASSES.index("mel")
+    probs = _softmax(validation.logits.astype(np.float64))
+    fpr, tpr, thresholds = skm.roc_curve(labels == mel, probs[:, mel], drop_intermediate=False)
+    ok = np.flatnonzero(1 - fpr >= 0.9 - 1e-12)
+    want = thresholds[ok[np.lexsort((fpr[ok], -tpr[ok]))[0]]]
+    threshold = by_key[("threshold/mel", "specificity=0.9", None, None)]
+    assert threshold["value"] == pytest.approx(want, rel=1e-9)
+    sensitivity = by_key[("sensitivity/mel", "specificity=0.9", None, None)]
+    assert sensitivity["threshold"] == threshold["value"]
+    predicted = _softmax(test.logits.astype(np.float64))[:, mel] >= threshold["value"]
+    assert sensitivity["value"] == pytest.approx(skm.recall_score(test.labels == mel, predicted))
+    assert sensitivity["ci_low"] < sensitivity["value"] < sensitivity["ci_high"]
+    # Subgroups come from the records' metadata, joined on the image id.
+    meta = subgroups.read_image_meta(f"records:{HAM10000}", "test")
+    women = np.array([meta[i]["sex"] == "female" for i in test.image_ids])
+    top1 = np.argmax(test.logits, 1)
+    female = by_key[("accuracy", None, None, "sex=female")]
+    assert female["value"] == pytest.approx(skm.accuracy_score(test.labels[women], top1[women]))
+    assert female["subgroup_by"] == "sex" and female["eval"] == "test"
+    assert by_key[("num_cases", None, None, "sex=unknown")]["too_small"] is True
+    # Every row carries the results.json fields; validation's rows are as before.
+    assert all({"eval", "metric", "value", "ci_low", "ci_high", "split"} <= set(r) for r in rows)
+    assert {r["metric"] for r in rows if r["eval"] == "validation"} == {
+        "accuracy", "top3", "top5", "balanced_accuracy", "auc_mean",
+        *(f"per_class_accuracy/{c}" for c in HAM_CLASSES),
+    }  # fmt: skip
+
+
+def test_reliability_artifacts_and_tensorboard_scalars(ham_run, tmp_path):
+    _, _, outputs, rows, artifacts = ham_run
+    curves = artifacts["test/final"]["reliability"]
+    assert [c["calibration"] for c in curves] == ["before_temperature", "after_temperature"]
+    test = outputs["test"].predictions
+    probs = _softmax(test.logits.astype(np.float64))
+    correct = probs.argmax(1) == test.labels
+    prob_true, prob_pred = calibration_curve(correct, probs.max(1), n_bins=15)
+    filled = np.array(curves[0]["count"]) > 0
+    np.testing.assert_allclose(np.array(curves[0]["outcome"])[filled], prob_true)
+    np.testing.assert_allclose(np.array(curves[0]["score"])[filled], prob_pred)
+    paths = report_plots.write_run_plots(str(tmp_path), artifacts)
+    assert [os.path.basename(p) for p in paths] == ["reliability_test_final.png"]
+    assert paths[0].startswith(str(tmp_path / "plots"))
+    # TensorBoard: every whole-population number under a unique key, no subgroup.
+    tags = evaluators.scalars(outputs)
+    assert tags["test/accuracy"] == outputs["test"].get("accuracy")
+    assert "test/ece[calibration=after_temperature]" in tags
+    assert not any("subgroup" in k for k in tags)
+    assert evaluators.row_scalars([r for r in rows if r["eval"] == "test"]) == {
+        k: v for k, v in tags.items() if k.startswith("test/")
+    }
+
+
+def test_a_periodic_eval_fitting_on_an_eval_not_due_predicts_it_only():
+    evals, predictor = _ham_evaluators(dict(data=dict(split="test"), **CLINICAL))
+    outputs, rows, _ = evaluators.run_evaluators(evals, {}, 3, names=["test"])
+    assert list(outputs) == ["test"] and {r["eval"] for r in rows} == {"test"}
+    assert len(predictor.calls) == 2  # validation for the fit, then test
+    assert any(r["metric"] == "temperature" for r in rows)
+
+
+def test_fit_on_and_operating_points_errors():
+    with pytest.raises(ValueError, match="operating_points needs fit_on"):
+        _ham_evaluators(dict(data=dict(split="test"), operating_points=True))
+    with pytest.raises(ValueError, match="fit_on='nope' names no eval"):
+        _ham_evaluators(dict(data=dict(split="test"), fit_on="nope"))
+    with pytest.raises(ValueError, match="names the eval itself"):
+        _ham_evaluators(dict(data=dict(split="test"), fit_on="test"))
+    with pytest.raises(ValueError, match="reads the same data"):
+        _ham_evaluators(dict(data=dict(split="validation"), fit_on="validation"))
+    with pytest.raises(ValueError, match=r"subgroups names \['view'\]"):
+        _ham_evaluators(dict(data=dict(split="test"), subgroups=("sex", "view")))
+    with pytest.raises(ValueError, match="unknown field"):
+        _ham_evaluators(dict(data=dict(split="test"), calibrate=True))

@@ -467,3 +467,153 @@ def test_show_accepts_alternatives(feature_root):
     # Floats match as written on the command line: '1' for 1.0, alternatives too.
     ones = report.select_rows(summary, "label_fraction=1,protocol=knn|linear,split=test")
     assert len(ones) == 6 and {r["label_fraction"] for r in ones} == {1.0}
+
+
+# ------------------------------------ calibration, operating points, subgroups (facets)
+
+
+def _clinical_results(seed, lr, val, test):
+    """A fine-tuning run's rows with every facet: calibration, operating points, subgroups.
+
+    The validation eval's subgroup row favours the other learning rate: tuning must
+    choose on the whole population only.
+    """
+    female, male = test - 0.1 + 0.01 * seed, test + 0.05
+    rows = [
+        _metric("balanced_accuracy", 1 - val, "validation", "best", subgroup_by="sex",
+                subgroup="sex=female"),
+        _metric("balanced_accuracy", val, "validation", "best"),
+        _metric("balanced_accuracy", test, "test", "best"),
+        _metric("ece", 0.2 + 0.01 * seed, "test", "best", calibration="before_temperature"),
+        _metric("ece", 0.05 + 0.01 * seed, "test", "best", calibration="after_temperature"),
+        _metric("temperature", 1.5 + seed, "test", "best", calibration="after_temperature"),
+        _metric("threshold/mel", 0.3 + 0.1 * seed, "test", "best", target="specificity=0.9"),
+        _metric("sensitivity/mel", 0.6, "test", "best", target="specificity=0.9",
+                threshold=0.3 + 0.1 * seed, fit_on="validation"),
+        _metric("balanced_accuracy", female, "test", "best", subgroup_by="sex",
+                subgroup="sex=female"),
+        _metric("balanced_accuracy", male, "test", "best", subgroup_by="sex", subgroup="sex=male"),
+        _metric("gap/balanced_accuracy", female - test, "test", "best", subgroup_by="sex",
+                subgroup="sex=female"),
+        _metric("ece", 0.3, "test", "best", calibration="before_temperature", subgroup_by="sex",
+                subgroup="sex=female"),
+        _metric("num_cases", 6, "test", "best", subgroup_by="sex", subgroup="sex=unknown",
+                too_small=True, min_cases=30),
+    ]  # fmt: skip
+    for row in rows:
+        if row["metric"] in ("num_cases", "temperature", "threshold/mel"):
+            row["ci_low"] = row["ci_high"] = math.nan
+    return rows
+
+
+@pytest.fixture
+def clinical_root(tmp_path):
+    root = tmp_path / "clinical"
+    for method, by_lr in (("scratch", {0.1: 0.5, 0.4: 0.6}), ("micle", {0.1: 0.7, 0.4: 0.65})):
+        for lr, val in by_lr.items():
+            for seed in range(2):
+                test = val + 0.1
+                _run(
+                    root,
+                    f"ft_{method}_lr{lr}_s{seed}",
+                    "finetune",
+                    {"method": method, "label_fraction": 0.1, "lr": lr, "seed": seed},
+                    _clinical_results(seed, lr, val, test),
+                    tune=TUNE,
+                )
+    return root
+
+
+def test_facets_are_rows_of_their_own_and_tuning_ignores_them(clinical_root):
+    result = report.write_report(str(clinical_root))
+    summary = result["summary"]
+    for facet in ("calibration", "target", "subgroup_by", "subgroup"):
+        assert facet not in result["params"]
+    # Chosen on the whole population's validation value (0.6 > 0.5; 0.7 > 0.65), not
+    # the subgroup's (which favours the other rate); every facet row of the arm kept.
+    assert {(r["method"], r["tuned"]) for r in summary} == {
+        ("scratch", "lr=0.4"),
+        ("micle", "lr=0.1"),
+    }
+    assert all("no run has" not in c for c in result["choices"])
+    micle = [r for r in summary if r["method"] == "micle"]
+    before = _find(micle, metric="ece", calibration="before_temperature", subgroup=None)
+    after = _find(micle, metric="ece", calibration="after_temperature")
+    assert (before["n"], before["mean"]) == (2, pytest.approx(0.205))
+    assert after["mean"] == pytest.approx(0.055)
+    # The threshold differs by seed: a value averaged over seeds, not a grouping key.
+    threshold = _find(micle, metric="threshold/mel")
+    assert (threshold["n"], threshold["mean"]) == (2, pytest.approx(0.35))
+    assert _find(micle, metric="sensitivity/mel")["target"] == "specificity=0.9"
+    female = _find(micle, metric="balanced_accuracy", subgroup="sex=female", split="test")
+    assert female["mean"] == pytest.approx(0.8 - 0.1 + 0.005)
+    assert female["subgroup_by"] == "sex"
+    gap = _find(micle, metric="gap/balanced_accuracy")
+    assert gap["mean"] == pytest.approx(-0.1 + 0.005)
+    assert _find(micle, metric="num_cases")["too_small"] is True
+
+
+def test_subgroups_have_their_own_table_and_figures(clinical_root, tmp_path):
+    out = tmp_path / "out"
+    result = report.write_report(str(clinical_root), str(out))
+    table = (out / report.TABLE_FILE).read_text()
+    assert "| calibration | target | metric |" in table
+    assert (
+        "| micle | 0.1 | lr=0.1 | derm | test | test | after_temperature | - | ece | 2 | 0.0550 |"
+        in (table)
+    )
+    assert "sex=" not in table  # subgroups are in their own file
+    subgroups_md = (out / report.SUBGROUP_FILE).read_text()
+    female = (
+        "| micle | 0.1 | lr=0.1 | derm | test | test | - | sex=female | balanced_accuracy | 2 |"
+    )
+    assert f"{female} 0.7050 | [0.6415, 0.7685] |" in subgroups_md
+    assert "- sex=unknown: 6 cases" in subgroups_md.split("Too small for metrics")[1]
+    assert "| sex=unknown |" not in subgroups_md
+    with open(out / report.CSV_FILE) as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert {"calibration", "target", "subgroup_by", "subgroup", "too_small"} <= set(
+        reader.fieldnames
+    )
+    assert len(rows) == len(result["summary"])
+    pngs = sorted(pathlib.Path(p).name for p in result["paths"] if p.endswith(".png"))
+    # One figure per eval, whatever learning rate each method's tuning chose.
+    assert pngs == [
+        "calibration_test.png",
+        "subgroups_test_test_sex.png",
+        "subgroups_validation_validation_sex.png",
+    ]
+    for name in pngs:
+        image = np.asarray(Image.open(out / name).convert("L"))
+        assert image.shape[0] > 100 and image.std() > 5
+
+
+def test_show_filters_on_facets(clinical_root, tmp_path):
+    summary = report.write_report(str(clinical_root))["summary"]
+    shown = report.select_rows(summary, "subgroup_by=sex,metric=balanced_accuracy,split=test")
+    assert {(r["method"], r["subgroup"]) for r in shown} == {
+        (m, s) for m in ("scratch", "micle") for s in ("sex=female", "sex=male")
+    }
+    # Without a subgroup key, the whole population only; '-' matches a missing facet.
+    whole = report.select_rows(summary, "metric=balanced_accuracy,split=test")
+    assert [r["subgroup"] for r in whole] == [None, None]
+    everyone = report.select_rows(summary, "subgroup=-|sex=female,metric=balanced_accuracy")
+    assert len(everyone) == 2 * 2 * 2  # methods x (validation, test) x (everyone, women)
+    assert {r["metric"] for r in report.select_rows(summary, "target=-")} == {
+        "balanced_accuracy",
+        "ece",
+        "temperature",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "micle_jax.report",
+        f"--root={clinical_root}",
+        f"--out={tmp_path}",
+        "--show=calibration=after_temperature,metric=ece",
+    ]
+    printed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    lines = [x for x in printed.splitlines() if x.startswith("| ") and "---" not in x][1:]
+    assert len(lines) == 2 and all("ece" in x for x in lines), printed
+    assert "calibration=after_temperature" in printed  # a constant column, above the table

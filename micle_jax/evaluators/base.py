@@ -35,9 +35,13 @@ class Evaluator(Protocol):
     dataset: str  # the name of the dataset it reads
     every_steps: int  # 0: only at the end of training
     in_results: bool  # written to results.json
+    fit_on: str  # '' or the eval whose predictions it fits on (clinical.py)
 
     def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
-        """Evaluates {'params', 'batch_stats'} (sharded like the train state)."""
+        """Evaluates {'params', 'batch_stats'} (sharded like the train state).
+
+        An evaluator with `fit_on` also takes `fit=`, the Predictions of that eval.
+        """
         ...
 
 
@@ -78,6 +82,7 @@ class EvaluatorFields:
             entry.get("bootstrap_samples", ctx.config.get("bootstrap_samples", default_samples))
         )
         self.seed = eval_seed(ctx.config, name)
+        self.fit_on = ""  # the types that fit on another eval set it (clinical.py)
 
     def train_data(self, entry: Mapping, ctx: Context, accepted, kind: str) -> EvalData:
         """The features' training data (train_data overrides on the train split).

@@ -3,24 +3,84 @@
 The dermatology task of Azizi et al. 2021 reports top-1 accuracy over 27
 classes (26 conditions + 'Other'); top-3 and top-5 are the usual companions
 for many-class dermatology. Every number gets a 95% bootstrap interval over
-cases (bootstrap.py).
+cases (bootstrap.py). Calibration, operating points and subgroups
+(clinical.py) are optional fields.
 
   config.evals.test = dict(type='classification', data=dict(split='test'))
+  config.evals.test = dict(type='classification', data=dict(split='test'),
+                           fit_on='validation', calibration=True,
+                           operating_points=True, subgroups='auto')
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from micle_jax.evaluators import bootstrap, metrics
+from micle_jax.evaluators import bootstrap, clinical, metric_set, metrics
 from micle_jax.evaluators.base import EvaluatorFields
 from micle_jax.evaluators.eval_data import Context
-from micle_jax.evaluators.outputs import EvalOutput, Metric
+from micle_jax.evaluators.metric_set import MetricSet
+from micle_jax.evaluators.outputs import EvalOutput, Predictions
 
-EXTRA_FIELDS = ("bootstrap_samples", "topk")
+EXTRA_FIELDS = ("bootstrap_samples", "topk", *clinical.EXTRA_FIELDS)
 DEFAULT_TOPK = (3, 5)
+
+
+def classification_set(
+    pred: Predictions, class_names: Sequence[str], topk: Sequence[int] = DEFAULT_TOPK
+) -> MetricSet:
+    """The multiclass metrics of `pred` as a function of per-image weights (metric_set.py).
+
+    'accuracy', 'top<k>' (1 < k < classes), 'balanced_accuracy' (mean per-class
+    recall: sklearn's balanced_accuracy_score), 'auc_mean' (one-vs-rest ROC AUC
+    of the softmax averaged over the classes with positives and negatives:
+    roc_auc_score(multi_class='ovr', average='macro'); the AUC for two
+    classes), 'per_class_accuracy/<class>' (NaN: a class without images).
+    """
+    logits = np.asarray(pred.logits, np.float32)
+    labels = np.asarray(pred.labels)
+    num_classes = logits.shape[1]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} logits")
+    base_w = np.asarray(pred.weights, np.float64)
+    ks = sorted({int(k) for k in topk if 1 < int(k) < num_classes})
+    correct = [metrics.topk_correct(logits, labels, 1)] + [
+        metrics.topk_correct(logits, labels, k) for k in ks
+    ]
+    probs = metrics.softmax(logits)
+
+    def compute(w: np.ndarray) -> np.ndarray:
+        w = w * base_w
+        total = w.sum()
+        accs = [np.sum(w * c) / total if total > 0 else np.nan for c in correct]
+        per_class = metrics.per_class_accuracy(logits, labels, w)  # NaN: a class without images
+        balanced = np.nanmean(per_class) if not np.all(np.isnan(per_class)) else np.nan
+        aucs = [metrics.roc_auc(probs[:, c], labels == c, w) for c in range(num_classes)]
+        auc_mean = np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan
+        return np.concatenate([accs, [balanced, auc_mean], per_class])
+
+    names = ["accuracy"] + [f"top{k}" for k in ks] + ["balanced_accuracy", "auc_mean"]
+    names += [f"per_class_accuracy/{c}" for c in class_names]
+    return MetricSet(names, compute)
+
+
+def _artifacts(pred: Predictions, num_classes: int, class_names: Sequence[str]) -> dict:
+    """The confusion matrix (rows true, columns predicted) and the evaluation's size."""
+    # The confusion matrix's predictions: the same argmax (first index on
+    # ties) that metrics.topk_correct scores as top-1.
+    predictions = np.argmax(pred.logits, axis=1)
+    base_w = np.asarray(pred.weights, np.float64)
+    matrix = metrics.confusion_matrix(pred.labels, predictions, num_classes, base_w)
+    keep = base_w > 0
+    return {
+        "confusion_matrix": matrix.astype(np.int64).tolist(),
+        "class_names": list(class_names),
+        "num_images": int(keep.sum()),
+        "num_cases": len(set(np.asarray(pred.case_ids, dtype=object)[keep].tolist())),
+    }
 
 
 def classification_metrics(
@@ -55,50 +115,12 @@ def classification_metrics(
     """
     logits = np.asarray(logits, np.float32)
     labels = np.asarray(labels)
-    num_classes = logits.shape[1]
-    if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for {num_classes} logits")
-    base_w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
-    ks = sorted({int(k) for k in topk if 1 < int(k) < num_classes})
-    correct = [metrics.topk_correct(logits, labels, 1)] + [
-        metrics.topk_correct(logits, labels, k) for k in ks
-    ]
-    # The confusion matrix's predictions: the same argmax (first index on
-    # ties) that metrics.topk_correct scores as top-1.
-    predictions = np.argmax(logits, axis=1)
-    probs = metrics.softmax(logits)
-
-    def compute(w: np.ndarray) -> np.ndarray:
-        w = w * base_w
-        total = w.sum()
-        accs = [np.sum(w * c) / total if total > 0 else np.nan for c in correct]
-        per_class = metrics.per_class_accuracy(logits, labels, w)  # NaN: a class without images
-        # balanced accuracy: sklearn's balanced_accuracy_score, the mean recall of
-        # the classes present; auc_mean: roc_auc_score(multi_class='ovr',
-        # average='macro') over the classes with positives and negatives.
-        balanced = np.nanmean(per_class) if not np.all(np.isnan(per_class)) else np.nan
-        aucs = [metrics.roc_auc(probs[:, c], labels == c, w) for c in range(num_classes)]
-        auc_mean = np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan
-        return np.concatenate([accs, [balanced, auc_mean], per_class])
-
-    values = compute(np.ones(len(labels)))
-    low, high = bootstrap.confidence_interval(compute, case_ids, bootstrap_samples, seed)
-    names = ["accuracy"] + [f"top{k}" for k in ks] + ["balanced_accuracy", "auc_mean"]
-    names += [f"per_class_accuracy/{c}" for c in class_names]
-    result = [
-        Metric(n, float(v), float(lo), float(hi))
-        for n, v, lo, hi in zip(names, values, low, high, strict=True)
-        if not np.isnan(v)
-    ]
-    matrix = metrics.confusion_matrix(labels, predictions, num_classes, base_w)
-    keep = base_w > 0
-    artifacts = {
-        "confusion_matrix": matrix.astype(np.int64).tolist(),
-        "class_names": list(class_names),
-        "num_images": int(keep.sum()),
-        "num_cases": len(set(np.asarray(case_ids, dtype=object)[keep].tolist())),
-    }
-    return EvalOutput(result, artifacts)
+    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
+    case_ids = np.asarray(case_ids, dtype=object)
+    pred = Predictions(logits, labels, weights, case_ids, case_ids, "multiclass")
+    make_set = functools.partial(classification_set, class_names=class_names, topk=topk)
+    result = metric_set.evaluate(pred, make_set, bootstrap_samples, seed)
+    return EvalOutput(result, _artifacts(pred, logits.shape[1], class_names))
 
 
 class ClassificationEvaluator(EvaluatorFields):
@@ -109,20 +131,30 @@ class ClassificationEvaluator(EvaluatorFields):
         self.label_map = self.data.check_labels("multiclass", entry.get("label_map"))
         self.topk = tuple(entry.get("topk") or DEFAULT_TOPK)
         self.class_names = list(ctx.task.class_names)
+        self.clinical = clinical.ClinicalMetrics(name, entry, self.data, self.class_names)
+        self.fit_on = self.clinical.fit_on
 
-    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
-        """Predicts the split and computes the metrics (`classification_metrics`)."""
+    def predict(self, variables: Mapping) -> Predictions:
+        """The model's logits on the split, labels mapped onto the model's classes."""
         pred = self.data.predict(variables, ("logits",))
         labels, keep = self.label_map.multiclass(pred["label"])
         if not keep.any():
             raise ValueError(f"eval {self.name!r}: no image has a label that maps to the model")
-        return classification_metrics(
-            pred["logits"],
-            labels,
-            pred["case_id"],
-            self.class_names,
-            keep,
-            self.topk,
-            self.samples,
-            self.seed,
+        logits = np.asarray(pred["logits"], np.float32)
+        return Predictions(logits, labels, keep, pred["case_id"], pred["image_id"], "multiclass")
+
+    def evaluate(self, variables: Mapping, step: int, fit: Predictions | None = None) -> EvalOutput:
+        """Predicts the split and computes the metrics (`classification_set`, clinical.py).
+
+        Args:
+          variables: {'params', 'batch_stats'}; step: the training step.
+          fit: the predictions of the eval named by fit_on (run_evaluators passes them).
+        """
+        pred = self.predict(variables)
+        make_set = functools.partial(
+            classification_set, class_names=self.class_names, topk=self.topk
         )
+        output = self.clinical.evaluate(pred, make_set, self.samples, self.seed, fit)
+        artifacts = _artifacts(pred, len(self.class_names), self.class_names)
+        output.artifacts = {**artifacts, **output.artifacts}
+        return output

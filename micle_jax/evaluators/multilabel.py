@@ -4,6 +4,7 @@ The chest X-ray task of Azizi et al. 2021 reports the mean AUC over CheXpert's
 five findings (atelectasis, cardiomegaly, consolidation, edema, pleural
 effusion). Uncertain and missing labels are masked (the eval's data uses the
 'ignore' policy unless it says otherwise); intervals are case bootstraps.
+Calibration, operating points and subgroups (clinical.py) are optional fields.
 
   config.evals.test = dict(type='multilabel', data=dict(split='test'))
   config.evals.shift_nih = dict(type='multilabel',
@@ -13,16 +14,55 @@ effusion). Uncertain and missing labels are masked (the eval's data uses the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from micle_jax.evaluators import bootstrap, metrics
+from micle_jax.evaluators import bootstrap, clinical, metric_set, metrics
 from micle_jax.evaluators.base import EvaluatorFields
 from micle_jax.evaluators.eval_data import Context
-from micle_jax.evaluators.outputs import EvalOutput, Metric
+from micle_jax.evaluators.metric_set import MetricSet
+from micle_jax.evaluators.outputs import EvalOutput, Predictions
 
-EXTRA_FIELDS = ("bootstrap_samples",)
+EXTRA_FIELDS = ("bootstrap_samples", *clinical.EXTRA_FIELDS)
+
+
+def multilabel_set(pred: Predictions, class_names: Sequence[str]) -> MetricSet:
+    """'auc/<class>' and 'auc_mean' of `pred` as a function of per-image weights.
+
+    The mean is over the classes defined (a positive and a negative label)
+    for the given weights, inside each bootstrap sample too.
+    """
+    logits = np.asarray(pred.logits, np.float32)
+    if len(class_names) != logits.shape[1]:
+        raise ValueError(f"{len(class_names)} class names for {logits.shape[1]} logits")
+
+    def compute(w: np.ndarray) -> np.ndarray:
+        aucs = metrics.multilabel_auc(logits, pred.labels, pred.weights, w)
+        mean = np.nanmean(aucs) if np.any(~np.isnan(aucs)) else np.nan
+        return np.append(aucs, mean)
+
+    return MetricSet([f"auc/{c}" for c in class_names] + ["auc_mean"], compute)
+
+
+def _artifacts(pred: Predictions, class_names: Sequence[str]) -> dict:
+    mask = np.asarray(pred.weights) > 0
+    return {
+        "class_names": list(class_names),
+        "num_images": int(mask.any(axis=1).sum()),
+        "positives": (np.asarray(pred.labels) * mask).sum(axis=0).astype(int).tolist(),
+        "labelled": mask.sum(axis=0).astype(int).tolist(),
+    }
+
+
+def _check_defined(pred: Predictions) -> None:
+    aucs = metrics.multilabel_auc(pred.logits, pred.labels, pred.weights)
+    if np.all(np.isnan(aucs)):
+        raise ValueError(
+            "no class has both a positive and a negative label in the evaluation data, "
+            "so no AUC is defined; evaluate on a larger or labelled split"
+        )
 
 
 def multilabel_metrics(
@@ -50,36 +90,21 @@ def multilabel_metrics(
       negative label, and 'auc_mean' (their mean; inside each bootstrap
       sample, the mean of the classes defined in that sample).
     """
-    logits = np.asarray(logits, np.float32)
-    if len(class_names) != logits.shape[1]:
-        raise ValueError(f"{len(class_names)} class names for {logits.shape[1]} logits")
-
-    def compute(w: np.ndarray) -> np.ndarray:
-        aucs = metrics.multilabel_auc(logits, targets, label_mask, w)
-        mean = np.nanmean(aucs) if np.any(~np.isnan(aucs)) else np.nan
-        return np.append(aucs, mean)
-
-    values = compute(np.ones(len(logits)))
-    if np.isnan(values[-1]):
-        raise ValueError(
-            "no class has both a positive and a negative label in the evaluation data, "
-            "so no AUC is defined; evaluate on a larger or labelled split"
-        )
-    low, high = bootstrap.confidence_interval(compute, case_ids, bootstrap_samples, seed)
-    names = [f"auc/{c}" for c in class_names] + ["auc_mean"]
-    result = [
-        Metric(n, float(v), float(lo), float(hi))
-        for n, v, lo, hi in zip(names, values, low, high, strict=True)
-        if not np.isnan(v)
-    ]
-    mask = np.asarray(label_mask) > 0
-    artifacts = {
-        "class_names": list(class_names),
-        "num_images": int(mask.any(axis=1).sum()),
-        "positives": (np.asarray(targets) * mask).sum(axis=0).astype(int).tolist(),
-        "labelled": mask.sum(axis=0).astype(int).tolist(),
-    }
-    return EvalOutput(result, artifacts)
+    case_ids = np.asarray(case_ids, dtype=object)
+    pred = Predictions(
+        np.asarray(logits, np.float32),
+        np.asarray(targets),
+        np.asarray(label_mask),
+        case_ids,
+        case_ids,
+        "multilabel",
+    )
+    if len(class_names) != pred.logits.shape[1]:
+        raise ValueError(f"{len(class_names)} class names for {pred.logits.shape[1]} logits")
+    _check_defined(pred)
+    make_set = functools.partial(multilabel_set, class_names=class_names)
+    result = metric_set.evaluate(pred, make_set, bootstrap_samples, seed)
+    return EvalOutput(result, _artifacts(pred, class_names))
 
 
 class MultilabelEvaluator(EvaluatorFields):
@@ -89,19 +114,28 @@ class MultilabelEvaluator(EvaluatorFields):
         super().__init__(name, entry, ctx, EXTRA_FIELDS, default_samples=1000)
         self.label_map = self.data.check_labels("multilabel", entry.get("label_map"))
         self.class_names = list(ctx.task.class_names)
+        self.clinical = clinical.ClinicalMetrics(name, entry, self.data, self.class_names)
+        self.fit_on = self.clinical.fit_on
 
-    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
-        """Predicts the split and computes the metrics (`multilabel_metrics`)."""
+    def predict(self, variables: Mapping) -> Predictions:
+        """The model's logits on the split, labels and masks mapped onto the model's classes."""
         pred = self.data.predict(variables, ("logits",))
         if "label_mask" not in pred:
             raise ValueError(f"eval {self.name!r}: the data has no multilabel 'label_mask'")
         targets, mask = self.label_map.multilabel(pred["label"], pred["label_mask"])
-        return multilabel_metrics(
-            pred["logits"],
-            targets,
-            mask,
-            pred["case_id"],
-            self.class_names,
-            self.samples,
-            self.seed,
-        )
+        logits = np.asarray(pred["logits"], np.float32)
+        return Predictions(logits, targets, mask, pred["case_id"], pred["image_id"], "multilabel")
+
+    def evaluate(self, variables: Mapping, step: int, fit: Predictions | None = None) -> EvalOutput:
+        """Predicts the split and computes the metrics (`multilabel_set`, clinical.py).
+
+        Args:
+          variables: {'params', 'batch_stats'}; step: the training step.
+          fit: the predictions of the eval named by fit_on (run_evaluators passes them).
+        """
+        pred = self.predict(variables)
+        _check_defined(pred)
+        make_set = functools.partial(multilabel_set, class_names=self.class_names)
+        output = self.clinical.evaluate(pred, make_set, self.samples, self.seed, fit)
+        output.artifacts = {**_artifacts(pred, self.class_names), **output.artifacts}
+        return output

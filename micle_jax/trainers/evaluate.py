@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from micle_jax import checkpoint, evaluators, rundir, sharding
+from micle_jax import checkpoint, evaluators, report_plots, rundir, sharding
 from micle_jax import task as task_lib
 from micle_jax.data.stream import pipeline
 
@@ -89,5 +89,7 @@ def evaluate_checkpoint(
     os.makedirs(workdir, exist_ok=True)
     task.save(workdir)
     path = rundir.write_results(workdir, config, with_protocol(rows, config), artifacts)
+    if jax.process_index() == 0:
+        report_plots.write_run_plots(workdir, artifacts)
     logging.info("Evaluated %s (step %d, %s); results in %s", state_dir, step, label, path)
     return evaluators.scalars(outputs)

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, parameter_overview
 
-from micle_jax import checkpoint, config_lib, evaluators, optim, rundir, sharding
+from micle_jax import checkpoint, config_lib, evaluators, optim, report_plots, rundir, sharding
 from micle_jax import task as task_lib
 from micle_jax.data.stream import pipeline
 from micle_jax.trainers import evaluate, loop, restore, train_state
@@ -275,6 +275,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows += first_loss.rows(task.dataset)
     rows = evaluate.with_protocol(rows, config)
     results_path = rundir.write_results(workdir, config, rows, artifacts)
+    if is_main:
+        report_plots.write_run_plots(workdir, artifacts)
     rundir.write_status(
         workdir,
         "finished",
@@ -359,9 +361,7 @@ def _final_evaluation(evals, state, step: int, best: BestCheckpoint, abstract_st
         _, best_rows, best_artifacts = evaluators.run_evaluators(
             evals, best_variables, best.step, "best"
         )
-    writer.write_scalars(
-        best.step, {f"best/{r['eval']}/{r['metric']}": r["value"] for r in best_rows}
-    )
+    writer.write_scalars(best.step, evaluators.row_scalars(best_rows, "best/"))
     return outputs, rows + best_rows, {**artifacts, **best_artifacts}
 
 

@@ -1,0 +1,146 @@
+"""Operating points (evaluators/operating_points.py): thresholds against scikit-learn's
+roc_curve, test-set rates against confusion_matrix, and the config field's errors."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from micle_jax.evaluators import operating_points
+from micle_jax.evaluators.outputs import Predictions
+
+
+def _sklearn_threshold(scores, positives, weights, kind, target):
+    """The validation ROC point of the issue: the most sensitive one with specificity >=
+    target (ties: the most specific), or the most specific one with sensitivity >= target
+    (ties: the most sensitive); every threshold kept."""
+    fpr, tpr, thresholds = skm.roc_curve(
+        positives, scores, sample_weight=weights, drop_intermediate=False
+    )
+    if kind == "specificity":
+        ok = np.flatnonzero(1 - fpr >= target - 1e-12)
+        best = np.lexsort((-(1 - fpr[ok]), -tpr[ok]))[0]  # max tpr, then max specificity
+    else:
+        ok = np.flatnonzero(tpr >= target - 1e-12)
+        best = np.lexsort((-tpr[ok], -(1 - fpr[ok])))[0]  # max specificity, then max tpr
+    return thresholds[ok[best]]
+
+
+@pytest.mark.parametrize("kind", ["specificity", "sensitivity"])
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.95])
+def test_thresholds_match_sklearn_roc_curve_with_ties_and_weights(kind, target):
+    rng = np.random.default_rng(0)
+    n = 600
+    positives = rng.random(n) < 0.3
+    scores = np.round(rng.normal(positives * 1.2, 1.0), 1)  # many ties
+    weights = rng.integers(0, 3, n).astype(float)
+    got = operating_points.threshold_for_target(scores, positives, weights, kind, target)
+    want = _sklearn_threshold(scores, positives, weights, kind, target)
+    assert got == want
+    # The threshold meets the target on the fitting data (weights = repeated images).
+    rep = np.repeat(np.arange(n), weights.astype(int))
+    predicted = scores[rep] >= got
+    tn, fp, fn, tp = skm.confusion_matrix(positives[rep], predicted).ravel()
+    rate = tn / (tn + fp) if kind == "specificity" else tp / (tp + fn)
+    assert rate >= target
+
+
+def test_no_threshold_without_positives_or_negatives():
+    scores = np.array([0.1, 0.5, 0.9])
+    for positives in ([0, 0, 0], [1, 1, 1]):
+        for kind in operating_points.KINDS:
+            t = operating_points.threshold_for_target(scores, positives, np.ones(3), kind, 0.9)
+            assert np.isnan(t)
+
+
+def _predictions(logits, labels, weights, label_type):
+    ids = np.array([f"i{i}" for i in range(len(logits))], dtype=object)
+    return Predictions(np.asarray(logits, np.float64), labels, weights, ids, ids, label_type)
+
+
+def test_multiclass_one_vs_rest_rates_on_test_match_sklearn():
+    """Thresholds chosen on validation softmax probabilities, applied to test; every rate is
+    confusion_matrix's on (test probability >= threshold), the bootstrap's weights as counts."""
+    rng = np.random.default_rng(1)
+    c, names = 3, ["akiec", "mel", "nv"]
+
+    def draw(n):
+        labels = rng.integers(0, c, n)
+        logits = rng.normal(size=(n, c)) + 1.5 * np.eye(c)[labels]
+        return labels, logits
+
+    val_labels, val_logits = draw(400)
+    keep = (rng.random(400) > 0.1).astype(float)  # unmapped labels do not fit thresholds
+    validation = _predictions(val_logits, val_labels, keep, "multiclass")
+    targets, classes = operating_points.parse("test", True, names)
+    thresholds = operating_points.fit_thresholds(validation, targets, classes)
+    val_probs = np.exp(val_logits) / np.exp(val_logits).sum(1, keepdims=True)
+    for (kind, target), by_class in thresholds.items():
+        for k in range(c):
+            want = _sklearn_threshold(val_probs[:, k], val_labels == k, keep, kind, target)
+            assert by_class[k] == pytest.approx(want, rel=1e-12), (kind, target, k)
+
+    test_labels, test_logits = draw(500)
+    test = _predictions(test_logits, test_labels, np.ones(500), "multiclass")
+    metric_set = operating_points.metric_set(test, names, thresholds, "validation")
+    weights = rng.integers(0, 3, 500).astype(float)
+    values = metric_set.compute(weights)
+    rep = np.repeat(np.arange(500), weights.astype(int))
+    probs = np.exp(test_logits[rep]) / np.exp(test_logits[rep]).sum(1, keepdims=True)
+    checked = 0
+    for name, tags, info, value in zip(
+        metric_set.names, metric_set.tags, metric_set.info, values, strict=True
+    ):
+        rate, cls = name.split("/")
+        k = names.index(cls)
+        kind, target = tags["target"].split("=")
+        assert info["threshold"] == thresholds[(kind, float(target))][k]
+        assert info["fit_on"] == "validation"
+        predicted = probs[:, k] >= info["threshold"]
+        tn, fp, fn, tp = skm.confusion_matrix(test_labels[rep] == k, predicted).ravel()
+        want = {
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+        }[rate]
+        assert value == pytest.approx(want), name
+        checked += 1
+    assert checked == 4 * 4 * c  # 4 targets x 4 rates x 3 classes
+
+
+def test_multilabel_rates_leave_unknown_labels_out():
+    rng = np.random.default_rng(2)
+    n = 300
+    targets = (rng.random((n, 2)) < 0.4).astype(float)
+    logits = rng.normal(size=(n, 2)) + 2 * targets
+    mask = (rng.random((n, 2)) > 0.3).astype(float)
+    pred = _predictions(logits, targets, mask, "multilabel")
+    thresholds = {("sensitivity", 0.9): {0: 0.3, 1: 0.6}}
+    metric_set = operating_points.metric_set(pred, ["edema", "effusion"], thresholds, "validation")
+    values = dict(zip(metric_set.names, metric_set.compute(np.ones(n)), strict=True))
+    for k, name in enumerate(["edema", "effusion"]):
+        known = mask[:, k] > 0
+        predicted = 1 / (1 + np.exp(-logits[known, k])) >= thresholds[("sensitivity", 0.9)][k]
+        assert values[f"sensitivity/{name}"] == pytest.approx(
+            skm.recall_score(targets[known, k], predicted)
+        )
+        assert values[f"ppv/{name}"] == pytest.approx(
+            skm.precision_score(targets[known, k], predicted)
+        )
+
+
+def test_operating_points_field_errors():
+    names = ["a", "b"]
+    assert operating_points.parse("t", False, names) == ([], [])
+    targets, classes = operating_points.parse(
+        "t", dict(specificity=0.8, sensitivity=(), classes="b"), names
+    )
+    assert targets == [("specificity", 0.8)] and classes == [1]
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['specifity'\]"):
+        operating_points.parse("t", dict(specifity=(0.9,)), names)
+    with pytest.raises(ValueError, match="must be in \\(0, 1\\)"):
+        operating_points.parse("t", dict(sensitivity=(90,)), names)
+    with pytest.raises(ValueError, match="not model classes"):
+        operating_points.parse("t", dict(specificity=(0.9,), classes=("melanoma",)), names)
+    with pytest.raises(ValueError, match="names no target"):
+        operating_points.parse("t", dict(specificity=()), names)
