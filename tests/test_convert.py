@@ -278,6 +278,41 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits(tmp_path, scaling):
     np.testing.assert_array_equal(decoded, np.round(expected).astype(np.uint8))
 
 
+@pytest.mark.parametrize("scaling", ["min_max", "full_range"])
+def test_sixteen_bit_png_stays_sixteen_bit_with_bit_depth_16(tmp_path, scaling):
+    pixels = np.linspace(1000, 4000, 48).reshape(6, 8).astype(np.uint16)
+    _save(str(tmp_path / "img" / "deep.png"), pixels)
+    _save(str(tmp_path / "img" / "flat.png"), np.full((4, 4), 9, np.uint8))
+    rows = [dict(case="c", path="img/deep.png"), dict(case="c", path="img/flat.png")]
+    plan = _plan(tmp_path, rows, label_column=None)
+    options = ImageOptions(sixteen_bit=scaling, bit_depth=16)
+    info = convert(plan, str(tmp_path / "out"), options=options)
+    assert info.converter["args"]["bit_depth"] == 16
+    ((_, case),) = _read(tmp_path / "out")[1]
+    images = dict(zip(case["image_ids"], case["images"], strict=True))
+    decoded = tf.io.decode_png(images[b"img/deep.png"], dtype=tf.uint16).numpy()[..., 0]
+    values = pixels.astype(np.float64)
+    expected = (values - 1000) * (65535 / 3000) if scaling == "min_max" else values
+    np.testing.assert_array_equal(decoded, np.round(expected).astype(np.uint16))
+    # 8-bit images stay 8-bit, byte for byte.
+    assert images[b"img/flat.png"] == (tmp_path / "img" / "flat.png").read_bytes()
+
+
+def test_image_options_are_checked(tmp_path):
+    plan = _plan(tmp_path, _toy_rows(tmp_path, 1), label_column=None)
+    for options, message in [
+        (
+            ImageOptions(bit_depth=16, image_format="jpeg"),
+            "--bit_depth=16 needs --image_format=png",
+        ),
+        (ImageOptions(bit_depth=12), r"bit_depth in \(8, 16\)"),
+        (ImageOptions(dicom_voi="first"), "--dicom_voi='first': give an index"),
+    ]:
+        with pytest.raises(ConversionError, match=message):
+            convert(plan, str(tmp_path / "out"), options=options)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rgb_jpeg_kept_or_resized(tmp_path):
     rng = np.random.default_rng(1)
     big = np.repeat(np.repeat(rng.integers(0, 256, (3, 5, 3), np.uint8), 2, 0), 2, 1)  # 6 x 10

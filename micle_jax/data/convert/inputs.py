@@ -1,9 +1,11 @@
 """Reads the converter's inputs into a Plan: cases, labels, splits, problems.
 
 Two inputs: a CSV with one row per image (`cases_from_csv`) and a MedMNIST-style
-npz of arrays (`cases_from_npz`). Nothing here decodes images
-(images.py) or writes records (write.py); every bad row becomes a
-`Problem` naming its CSV line, so the converter can report all of them at once.
+npz of arrays (`cases_from_npz`); DICOM input (dicom_cases.py) adds columns
+from the files' tags to a CSV's rows, or makes rows of a folder's files, and
+goes through `cases_from_csv` too. Nothing here decodes images (images.py) or
+writes records (write.py); every bad row becomes a `Problem` naming its CSV
+line, so the converter can report all of them at once.
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ class Problem:
 
 @dataclasses.dataclass
 class ImageSpec:
-    """One image to convert: a file on disk or an array (uint8/uint16 [h, w(, c)])."""
+    """One image to convert: a file on disk (PNG/JPEG, or DICOM if `dicom`) or an
+    array (uint8/uint16 [h, w(, c)])."""
 
     image_id: str
     file: str = ""
     array: np.ndarray | None = None
+    dicom: bool = False
     label_class: int = -1
     label_multi: list[float] | None = None
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -67,13 +71,18 @@ class CaseSpec:
 
 @dataclasses.dataclass
 class Plan:
-    """What to convert: the cases, their labels, and the problems found so far."""
+    """What to convert: the cases, their labels, and the problems found so far.
+
+    `deidentify` is the de-identification report of DICOM input
+    (deidentify.Report), written next to the records; None for other input.
+    """
 
     cases: list[CaseSpec]
     label_type: str
     class_names: list[str]
     problems: list[Problem]
     args: dict[str, Any]
+    deidentify: Any = None
 
 
 def case_hash(seed: int, case_id: str) -> float:
@@ -117,7 +126,8 @@ def assign_split(case_id: str, seed: int, fractions: dict[str, float]) -> str:
     return list(fractions)[-1]  # u within rounding of 1.0
 
 
-def _check_columns(path: str, header: Sequence[str], columns: Iterable[str | None]) -> None:
+def check_columns(path: str, header: Sequence[str], columns: Iterable[str | None]) -> None:
+    """Raises ConversionError naming the `columns` (None = not used) missing from `header`."""
     missing = [c for c in columns if c and c not in header]
     if missing:
         raise ConversionError(f"{path}: no column(s) {missing}; the columns are {list(header)}")
@@ -130,7 +140,7 @@ def _class_list(values: Iterable[str]) -> list[str]:
     return values
 
 
-def _read_csv(csv_path: str) -> tuple[list[str], list[tuple[int, dict]]]:
+def read_csv(csv_path: str) -> tuple[list[str], list[tuple[int, dict]]]:
     """(header, [(line of the record, row)]) of a CSV; line 1 is the header."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -180,6 +190,7 @@ def cases_from_csv(
     split_column: str | None = None,
     split_fractions: str | None = None,
     seed: int = 0,
+    table: tuple[list[str], list[tuple[int | None, dict]]] | None = None,
 ) -> Plan:
     """Reads a CSV with one row per image into a Plan.
 
@@ -189,6 +200,8 @@ def cases_from_csv(
     names or indices into `class_names`, blank = -1 no label), `label_columns`
     (multilabel as CheXpert: 1, 0, -1 uncertain, blank missing), or neither.
     Splits: `split_column`, else `split_fractions` by `assign_split` (default all train).
+    `table`: the CSV's (header, [(line, row)]) when already read (`read_csv`),
+    e.g. with columns added from DICOM tags; `csv_path` then only names it.
     """
     if (image_column is None) == (image_path_template is None):
         raise ConversionError("give exactly one of --image_column and --image_path_template")
@@ -197,9 +210,9 @@ def cases_from_csv(
     if split_column and split_fractions:
         raise ConversionError("give --split_column or --split_fractions, not both")
     fractions = parse_split_fractions(split_fractions or "train=1")
-    header, rows = _read_csv(csv_path)
+    header, rows = table if table is not None else read_csv(csv_path)
     template_fields = [f for _, f, _, _ in string.Formatter().parse(image_path_template or "") if f]
-    _check_columns(
+    check_columns(
         csv_path,
         header,
         [case_column, image_column, image_id_column, label_column, split_column]

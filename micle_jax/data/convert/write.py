@@ -23,6 +23,7 @@ import tensorflow as tf
 import tqdm
 
 from micle_jax.data import records, shards
+from micle_jax.data.convert import deidentify
 from micle_jax.data.convert.images import ImageOptions, check_image, encode_image
 from micle_jax.data.convert.inputs import CaseSpec, ConversionError, Plan, Problem, case_hash
 
@@ -150,7 +151,9 @@ def convert(
     """Checks, writes, verifies and moves into place the dataset of `plan`.
 
     Args:
-      plan: from `cases_from_csv` or `cases_from_npz`.
+      plan: from `cases_from_csv`, `cases_from_npz` or dicom_cases.py; a DICOM
+        plan's de-identification report is printed first and written next to
+        the records, and its skipped inputs are listed without file paths.
       out: destination folder; must not exist or be empty, unless `overwrite`
         (which only replaces an existing converted dataset).
       exclude_cases: case ids kept out of every split (e.g. evaluation patients).
@@ -170,6 +173,8 @@ def convert(
     options = options or ImageOptions()
     options.check()
     _check_destination(out, overwrite)
+    if plan.deidentify:
+        print(plan.deidentify.summary())
     excluded = set(exclude_cases)
     kept = [c for c in plan.cases if c.case_id not in excluded]
     print(
@@ -196,7 +201,9 @@ def convert(
         shutil.rmtree(temporary, ignore_errors=True)
         try:
             info = _write(plan, cases, temporary, num_shards, options, pool, name or base)
-            info.skipped = [dataclasses.asdict(p) for p in problems]
+            # DICOM file paths may name patients: the records' list keeps hashed ids only.
+            redact = dict(file="") if plan.deidentify else {}
+            info.skipped = [dataclasses.asdict(dataclasses.replace(p, **redact)) for p in problems]
             info.source, info.license, info.citation = source, license, citation
             info.modality = modality
             info.converter = dict(
@@ -210,6 +217,9 @@ def convert(
                 ),
             )
             records.write_info(temporary, info)
+            if plan.deidentify:
+                with open(os.path.join(temporary, deidentify.REPORT_FILE), "w") as f:
+                    f.write(plan.deidentify.as_json())
             verify_dataset(temporary, info, excluded)
             _move_into_place(temporary, out)
         finally:
