@@ -2,6 +2,12 @@
 
 import setuptools
 
+DICOM_DECODERS = [
+    "pylibjpeg>=2.0",
+    "pylibjpeg-libjpeg>=2.1",
+    "pylibjpeg-openjpeg>=2.2",  # 2.2 also encodes, which tests/test_dicom.py uses
+]
+
 setuptools.setup(
     name="micle_jax",
     version="0.1.0",
@@ -29,8 +35,28 @@ setuptools.setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "matplotlib>=3.8",
+        # DICOM input of the converter: pydicom reads uncompressed and RLE files;
+        # compressed ones need the "dicom" extra.
+        "pydicom>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "scikit-learn>=1.4",
+            "submitit>=1.5,<2",  # tests/test_launch_slurm.py (pure Python, ~100 kB)
+            *DICOM_DECODERS,  # tests/test_dicom.py decodes every transfer syntax
+        ],
+        # Compressed DICOM (pip install -e '.[dicom]'): pylibjpeg's plugins decode JPEG
+        # baseline / extended / lossless and JPEG-LS (pylibjpeg-libjpeg, GPLv3: an
+        # optional extra, so the package itself carries no GPL dependency) and JPEG 2000
+        # (pylibjpeg-openjpeg, MIT).
+        "dicom": DICOM_DECODERS,
+        # python -m launch.slurm (SLURM GPU clusters).
+        "slurm": ["submitit>=1.5,<2"],
+        # python -m launch.sweep --executor=xmanager: about 600 MB with its Google
+        # Cloud clients; not in "test" (tests/test_xm_launch.py uses a stand-in).
+        "xm": ["xmanager>=0.8"],
     },
 )
