@@ -7,7 +7,8 @@ different images of the same case; grouping by case on disk also makes a
 patient-level train/test split the only possible split. Features:
 
   case/id           bytes    [1]
-  image/encoded     bytes    [n]   PNG or JPEG bytes, n >= 1
+  image/encoded     bytes    [n]   PNG or JPEG bytes, n >= 1 (PNG: 8-bit, or 16-bit
+                                   grayscale from --bit_depth=16)
   image/id          bytes    [n]   unique within the dataset
   image/format      bytes    [n]   'png' | 'jpeg'
   image/meta        bytes    [n]   JSON object per image ('{}' if none)
