@@ -150,6 +150,26 @@ def load_variables(path: str) -> dict:
     }
 
 
+def variable_differences(abstract: dict, loaded: dict) -> list[tuple]:
+    """Where a model's and a checkpoint's {'params', 'batch_stats'} differ.
+
+    Returns:
+      ('collection/path', checkpoint shape or None when absent, model shape or
+      None when absent) for every array missing on one side or of another
+      shape, sorted by path within each collection.
+    """
+    out = []
+    for collection in ("params", "batch_stats"):
+        want = traverse_util.flatten_dict(abstract.get(collection, {}), sep="/")
+        have = traverse_util.flatten_dict(loaded.get(collection, {}), sep="/")
+        for name in sorted(set(want) | set(have)):
+            have_shape = tuple(np.shape(have[name])) if name in have else None
+            want_shape = tuple(want[name].shape) if name in want else None
+            if have_shape != want_shape:
+                out.append((f"{collection}/{name}", have_shape, want_shape))
+    return out
+
+
 def check_variables(abstract: dict, loaded: dict, source: str) -> None:
     """Errors naming every array where a checkpoint and the config's model differ.
 
@@ -159,20 +179,13 @@ def check_variables(abstract: dict, loaded: dict, source: str) -> None:
       source: the checkpoint path, for the message.
     """
     problems = []
-    for collection in ("params", "batch_stats"):
-        want = traverse_util.flatten_dict(abstract.get(collection, {}), sep="/")
-        have = traverse_util.flatten_dict(loaded.get(collection, {}), sep="/")
-        for name in sorted(set(want) | set(have)):
-            where = f"{collection}/{name}"
-            if name not in have:
-                problems.append(f"{where}: in the model, not in the checkpoint")
-            elif name not in want:
-                problems.append(f"{where}: in the checkpoint, not in the model")
-            elif tuple(np.shape(have[name])) != tuple(want[name].shape):
-                problems.append(
-                    f"{where}: checkpoint {tuple(np.shape(have[name]))} vs model "
-                    f"{tuple(want[name].shape)}"
-                )
+    for where, have, want in variable_differences(abstract, loaded):
+        if have is None:
+            problems.append(f"{where}: in the model, not in the checkpoint")
+        elif want is None:
+            problems.append(f"{where}: in the checkpoint, not in the model")
+        else:
+            problems.append(f"{where}: checkpoint {have} vs model {want}")
     if not problems:
         return
     hint = "same arch, width, projection layers and data as the run that wrote it?"

@@ -165,7 +165,7 @@ def parse_arg(arg: str | None, lazy: bool = False, **defaults) -> ml_collections
 # release names 'r50_1x_sk0' ... 'r152_3x_sk1' (SK ratio 0.0625 when sk1).
 _ARCH_PATTERN = re.compile(r"r(\d+)x(\d+(?:\.\d+)?)(_sk)?")
 _RELEASE_PATTERN = re.compile(r"r(\d+)_(\d+(?:\.\d+)?)x_sk([01])")
-SK_RATIO = 0.0625
+SK_RATIO = 0.0625  # SimCLR v2's selective kernels: the only ratio its code and releases use
 
 
 def arch_fields(arch: str) -> dict:

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from micle_jax import checkpoint, config_lib, models, rundir, simclr_tf2
+from micle_jax.models import resnet
 
 # --check's tolerance: max |ours - official| / max |official| per output.
 CHECK_TOLERANCE = 1e-4
@@ -44,8 +45,6 @@ CHECKED_OUTPUTS = {
     "proj_head_output": "projections",
     "logits_sup": "logits",
 }
-# The image size SimCLR's ImageNet models were trained at, and its CIFAR one.
-IMAGENET_SIZE, CIFAR_SIZE = 224, 32
 
 
 @dataclasses.dataclass
@@ -101,7 +100,7 @@ def from_tf_variables(
         head_input=head_input,
     )
     model = models.build_model(model_config)
-    size = CIFAR_SIZE if found.cifar_stem else IMAGENET_SIZE
+    size = trained_size(found)
     image = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
     abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
     _check_shapes(abstract, variables, sources, src)
@@ -113,6 +112,11 @@ def from_tf_variables(
         format=fmt,
         num_tf_variables=sum(1 for p in tf_vars if p.startswith("model/")),
     )
+
+
+def trained_size(arch: simclr_tf2.Architecture) -> int:
+    """The image size SimCLR trains a model at: its ImageNet size, or the CIFAR stem's largest."""
+    return resnet.CIFAR_STEM_MAX_SIZE if arch.cifar_stem else config_lib.DATA_DEFAULTS["image_size"]
 
 
 def _check_arch(arch: str, found: simclr_tf2.Architecture) -> None:
@@ -129,24 +133,15 @@ def _check_arch(arch: str, found: simclr_tf2.Architecture) -> None:
 
 def _check_shapes(abstract: dict, variables: dict, sources: dict, src: str) -> None:
     """Errors naming every variable whose presence or shape differs from the model's."""
-    from flax import traverse_util
-
     problems = []
-    for collection in ("params", "batch_stats"):
-        want = traverse_util.flatten_dict(abstract.get(collection, {}), sep="/")
-        have = traverse_util.flatten_dict(variables.get(collection, {}), sep="/")
-        for name in sorted(set(want) | set(have)):
-            where = f"{collection}/{name}"
-            origin = sources.get(where, "")
-            if name not in have:
-                problems.append(f"{where}: {tuple(want[name].shape)} expected, not in {src}")
-            elif name not in want:
-                problems.append(f"{origin} {tuple(have[name].shape)}: has no place in the model")
-            elif tuple(have[name].shape) != tuple(want[name].shape):
-                problems.append(
-                    f"{origin} -> {where}: shape {tuple(have[name].shape)}, expected "
-                    f"{tuple(want[name].shape)}"
-                )
+    for where, have, want in checkpoint.variable_differences(abstract, variables):
+        origin = sources.get(where, "")
+        if have is None:
+            problems.append(f"{where}: {want} expected, not in {src}")
+        elif want is None:
+            problems.append(f"{origin} {have}: has no place in the model")
+        else:
+            problems.append(f"{origin} -> {where}: shape {have}, expected {want}")
     if problems:
         raise ValueError(
             f"{src} does not fit the SimCLR model its variables describe ({len(problems)} "
@@ -233,7 +228,7 @@ def write(imported: Imported, workdir: str, image_size: int | None = None) -> st
         checkpoint.save(manager, 0, imported.variables, meta)
         manager.wait_until_finished()
         manager.close()
-        size = image_size or (CIFAR_SIZE if imported.arch.cifar_stem else IMAGENET_SIZE)
+        size = image_size or trained_size(imported.arch)
         config = {
             "model": imported.model_config,
             "data": {"image_size": size},

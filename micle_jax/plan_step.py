@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from micle_jax import models, optim
+from micle_jax import optim
 
 TRAINERS = ("pretrain", "finetune")
 LABEL_TYPES = ("multiclass", "multilabel")
@@ -102,24 +102,18 @@ def build_step(config: ml_collections.ConfigDict, info: LabelInfo):
     if trainer == "pretrain":
         from micle_jax.trainers import contrastive_step
 
-        # As pretrain.main's "Model and optimizer" section.
-        probe = bool(config.linear_probe) and info.label_type == "multiclass"
-        probe = probe and info.num_classes > 0
-        model_config = config.model.copy_and_resolve_references()
-        with model_config.unlocked():
-            model_config.num_classes = info.num_classes if probe else 0
-        model = models.build_model(model_config)
+        model, probe = contrastive_step.build_model(config, info)
         tx = optim.make_optimizer(config.optim, schedule)
         step = contrastive_step.make_train_step(model, tx, schedule, config.loss.temperature, probe)
-        return model, tx, step, model_config.num_classes
+        return model, tx, step, info.num_classes if probe else 0
     # As finetune.main's "Task", "Model" and "Optimizer and state" sections;
     # class weights ('balanced') are a [C] constant whose values do not matter here.
     from micle_jax import task as task_lib
-    from micle_jax.trainers import finetune, supervised_step
+    from micle_jax.trainers import supervised_step
 
     task = task_lib.make_task(config, info)
     model = task_lib.build_model(config, task)
-    tx = finetune._make_optimizer(config, model, task.image_size, schedule)
+    tx = supervised_step.make_optimizer(config, model, task.image_size, schedule)
     weights = np.ones(task.num_classes, np.float32) if config.class_weight == "balanced" else None
     step = supervised_step.make_train_step(model, tx, schedule, task.label_type, weights)
     return model, tx, step, task.num_classes

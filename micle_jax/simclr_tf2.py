@@ -26,6 +26,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from micle_jax import config_lib
 from micle_jax.models import resnet
 
 # Children that alias variables already reached through a layer attribute,
@@ -46,9 +47,6 @@ _ALIASES = {
     "call_and_return_all_conditional_losses",
     "call_and_return_conditional_losses",
 }
-
-# SimCLR v2's selective-kernel ratio: the only one its code and releases use.
-SK_RATIO = 0.0625
 
 # Keras BatchNormalization variable -> (Flax collection, name).
 _BN = {
@@ -380,7 +378,7 @@ def to_flax(tf_vars: dict[str, np.ndarray]) -> tuple[dict, Architecture, dict[st
     arch = Architecture(
         depth=depth,
         width=base / 64,
-        sk_ratio=SK_RATIO if sk else 0.0,
+        sk_ratio=config_lib.SK_RATIO if sk else 0.0,
         cifar_stem=cifar,
         proj_layers=len(proj),
         proj_dim=int(tf_vars[last_dense].shape[-1]) if last_dense else 128,

@@ -101,7 +101,7 @@ def test_optimizer_state_bytes_match_the_real_optimizer_state(plans):
 
 def test_fine_tuning_optimizer_state_skips_the_frozen_projection_layers(finetune_plan):
     from micle_jax import task as task_lib
-    from micle_jax.trainers import finetune
+    from micle_jax.trainers import supervised_step
 
     config = finetune_config()
     task = task_lib.make_task(config, plan_step.label_info(3))
@@ -109,7 +109,7 @@ def test_fine_tuning_optimizer_state_skips_the_frozen_projection_layers(finetune
     images = jnp.zeros((2, IMAGE, IMAGE, 3), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
     schedule = optim.make_schedule(config.optim, 10, 1, config.batch_size)
-    tx = finetune._make_optimizer(config, model, IMAGE, schedule)
+    tx = supervised_step.make_optimizer(config, model, IMAGE, schedule)
     assert finetune_plan.head_classes == 3
     assert finetune_plan.params_bytes == 4 * sum(x.size for x in jax.tree.leaves(params))
     assert finetune_plan.opt_state_bytes == tree_bytes(jax.eval_shape(tx.init, params))

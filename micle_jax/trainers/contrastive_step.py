@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from micle_jax import losses
+from micle_jax import losses, models
 from micle_jax.trainers import train_state
 
 
@@ -54,3 +54,20 @@ def make_train_step(model, tx, schedule, temperature: float, probe: bool):
         return new_state, measurements
 
     return train_step
+
+
+def build_model(config, info):
+    """The pre-training model of `config` for data `info`, and whether it has the probe.
+
+    The online linear probe (SimCLR's lineareval_while_pretraining) is a head
+    with the data's classes when config.linear_probe is set and the data is
+    multiclass; otherwise the model has no head.
+
+    Returns:
+      (model, probe).
+    """
+    probe = bool(config.linear_probe) and info.label_type == "multiclass" and info.num_classes > 0
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+        model_config.num_classes = info.num_classes if probe else 0
+    return models.build_model(model_config), probe

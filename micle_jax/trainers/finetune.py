@@ -195,7 +195,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- Optimizer and state (frozen stages and unused projection layers masked). ---
     schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.batch_size)
-    tx = _make_optimizer(config, model, task.image_size, schedule)
+    tx = step_lib.make_optimizer(config, model, task.image_size, schedule)
     state, state_shardings, abstract_state = train_state.create_state(
         model, tx, mesh, task.image_size, config.seed, config.mesh.shard_min_size
     )
@@ -308,21 +308,6 @@ def _class_weights(config, data: pipeline.Data, task) -> np.ndarray | None:
         ),
     )
     return class_weights
-
-
-def _make_optimizer(config, model, image_size: int, schedule):
-    """config.optim with frozen stages and unused projection layers masked out."""
-    abstract_params = jax.eval_shape(
-        lambda: model.init(
-            jax.random.key(0),
-            np.zeros((1, image_size, image_size, 3), np.float32),
-            train=False,
-        )["params"]
-    )
-    mask = step_lib.trainable_mask(
-        abstract_params, config.model.fine_tune_after_block, config.model.head_input
-    )
-    return optim.make_optimizer(config.optim, schedule, trainable_mask=mask)
 
 
 def _rescale_head_input(state, state_shardings, head_input: int):

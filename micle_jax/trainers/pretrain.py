@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, parameter_overview
 
-from micle_jax import checkpoint, config_lib, evaluators, models, optim, rundir, sharding
+from micle_jax import checkpoint, config_lib, evaluators, optim, rundir, sharding
 from micle_jax.data.stream import pipeline
 from micle_jax.trainers import contrastive_step, loop, restore, train_state
 
@@ -59,13 +59,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_pairs = data.pairs_per_epoch()
     total_steps = config_lib.get_steps("total", config, num_pairs, config.batch_size)
     warmup_steps = config_lib.get_steps("warmup", config, num_pairs, config.batch_size, 0)
-    probe = bool(config.linear_probe) and info.label_type == "multiclass" and info.num_classes > 0
 
     # --- Model and optimizer. ---
-    model_config = config.model.copy_and_resolve_references()
-    with model_config.unlocked():
-        model_config.num_classes = info.num_classes if probe else 0
-    model = models.build_model(model_config)
+    model, probe = contrastive_step.build_model(config, info)
     schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.batch_size)
     tx = optim.make_optimizer(config.optim, schedule)
     state, state_shardings, abstract_state = train_state.create_state(

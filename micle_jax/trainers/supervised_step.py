@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from micle_jax import losses
+from micle_jax import losses, optim
 from micle_jax.models import frozen_stages
 from micle_jax.trainers import train_state
 
@@ -126,3 +126,18 @@ def make_train_step(
         return train_state.apply_gradients(state, tx, schedule, loss_fn)
 
     return train_step
+
+
+def make_optimizer(config, model, image_size: int, schedule):
+    """config.optim of a fine-tuning config; frozen stages and unused projection layers masked."""
+    abstract_params = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0),
+            np.zeros((1, image_size, image_size, 3), np.float32),
+            train=False,
+        )["params"]
+    )
+    mask = trainable_mask(
+        abstract_params, config.model.fine_tune_after_block, config.model.head_input
+    )
+    return optim.make_optimizer(config.optim, schedule, trainable_mask=mask)
