@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.stats
 
-from micle_jax import rundir
+from micle_jax import fs, rundir
 
 # Where a result comes from, besides the run's sweep parameters.
 RESULT_KEYS = ("dataset", "split", "eval", "checkpoint", "metric")
@@ -53,7 +53,7 @@ _VALUE_KEYS = {"value", "ci_low", "ci_high", "step", TOO_SMALL, *RESULT_KEYS, *F
 
 
 def _read_json(path: str):
-    with open(path) as f:
+    with fs.open(path) as f:
         return json.load(f)
 
 
@@ -67,26 +67,26 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
       problems: 'PATH: why' for each results.json that is missing (in a stage
         where other runs have one) or unreadable.
     """
-    if not os.path.isdir(root):
+    if not fs.isdir(root):
         raise FileNotFoundError(f"--root={root}: no such folder")
     rows, problems = [], []
     runs_by_stage = collections.defaultdict(list)
     stages_with_results = set()
-    for name in sorted(os.listdir(root)):
+    for name in sorted(fs.listdir(root)):
         workdir = os.path.join(root, name)
-        if not os.path.isdir(workdir):
+        if not fs.isdir(workdir):
             continue
         run_file = os.path.join(workdir, rundir.RUN_FILE)
         results_file = os.path.join(workdir, rundir.RESULTS_FILE)
         run_info = {}
-        if os.path.exists(run_file):
+        if fs.exists(run_file):
             try:
                 run_info = _read_json(run_file)
             except (OSError, json.JSONDecodeError) as e:
                 problems.append(f"{run_file}: unreadable ({e}); run labelled by its folder")
         stage = run_info.get("stage")
         runs_by_stage[stage].append(workdir)
-        if not os.path.exists(results_file):
+        if not fs.exists(results_file):
             continue
         stages_with_results.add(stage)
         params = dict(run_info.get("params") or {"method": name})
@@ -108,7 +108,7 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
     for stage in sorted(stages_with_results - {None}):
         for workdir in runs_by_stage[stage]:
             results_file = os.path.join(workdir, rundir.RESULTS_FILE)
-            if not os.path.exists(results_file):
+            if not fs.exists(results_file):
                 problems.append(f"{results_file}: missing (run {_status(workdir)})")
     return rows, problems
 
@@ -170,7 +170,8 @@ def seed_interval(values: Sequence[float], ci_lows: Sequence[float], ci_highs: S
     mean = float(values.mean())
     if n == 1:
         return mean, float(ci_lows[0]), float(ci_highs[0]), math.nan, "bootstrap of the 1 run"
-    std = float(values.std(ddof=1))
+    with np.errstate(invalid="ignore"):  # an inf among the values gives NaN, not a warning
+        std = float(values.std(ddof=1))
     half = float(scipy.stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
     return mean, mean - half, mean + half, std, f"t over {n} seeds"
 

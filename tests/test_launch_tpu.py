@@ -434,6 +434,7 @@ FAKE_TRAINER = textwrap.dedent(
         rundir.write_status(workdir, "preempted", step=1)
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
+    rundir.write_status(workdir, "running", step=0)  # the handler is in place
     for step in range(steps):
         print(f"step {step}", flush=True)
         time.sleep(0.2)
@@ -485,7 +486,10 @@ def test_worker_scripts_start_follow_probe_and_stop_in_bash(worker_home, tmp_pat
     # A long run, stopped: SIGTERM reaches the trainer, which records 'preempted'.
     args = [f"--config={CONFIG}", f"--workdir={workdir}", "--steps=200"]
     assert "started" in bash(worker_home, remote.start_script(workdir, args, {"A": "1 2"})).stdout
-    assert wait_for(lambda: probe().process == "running")
+    # Stopped once its SIGTERM handler is in place (before, a loaded machine's
+    # slow interpreter start would turn the stop into a plain kill, exit 143).
+    assert wait_for(lambda: (probe().status or {}).get("status") == "running")
+    assert probe().process == "running"
     again = bash(worker_home, remote.start_script(workdir, args, {}))
     assert "already running" in again.stdout  # a rerun does not start a second trainer
     assert "stopping" in bash(worker_home, remote.stop_script(workdir)).stdout

@@ -387,27 +387,24 @@ def colour_views(cfg):
     return np.abs(views[..., 0] - views[..., 1]).max(axis=(1, 2)) > 0.05
 
 
-def test_auto_augment_trains_rgb_records_with_simclrs_colour_policy(tmp_path, caplog):
+def test_auto_augment_trains_rgb_records_with_simclrs_colour_policy(tmp_path):
     path = tmp_path / "derm"
     rgb_record_set(path)
     cfg = medical_data(path)
-    caplog.set_level("INFO")
     # SimCLR's grayscale op turns 20% of views gray; the 'cxr' policy all of them.
     assert colour_views(cfg).mean() >= 0.5
-    assert "augment policy 'simclr' (auto: tiny train images are RGB" in caplog.text
     assert cfg.augment == "auto"  # the medical configs' default
     policy, why = policy_of(cfg)
     assert policy == "simclr" and "images are RGB" in why
 
 
-def test_auto_augment_trains_gray_chest_xrays_with_the_cxr_policy(caplog):
+def test_auto_augment_trains_gray_chest_xrays_with_the_cxr_policy():
     cfg = medical_data(recipes.DEMO_PRETRAIN_RECORDS)  # data/demo/hannover_cxr
     data = pipeline.open_data(cfg, seed=0)
     policy, why = data.augment_policy()
     assert policy == "cxr" and "hannover_cxr train images are gray" in why
-    caplog.set_level("INFO")
-    data.dataset("micle", 4)
-    assert "augment policy 'cxr' (auto: hannover_cxr" in caplog.text
+    # The 'cxr' policy has no colour jitter: every view of the gray X-rays stays gray.
+    assert not colour_views(cfg).any()
 
 
 def test_recorded_modality_decides_auto_before_the_pixels(tmp_path):

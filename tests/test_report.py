@@ -7,6 +7,7 @@ import math
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -122,6 +123,12 @@ def test_seed_interval_matches_scipy_t_interval():
     assert std == pytest.approx(values.std(ddof=1)) and how == "t over 5 seeds"
     # One run: its own bootstrap interval, the only one there is.
     assert report_summary.seed_interval([0.5], [0.4], [0.55])[:3] == (0.5, 0.4, 0.55)
+    # An infinite value (a subgroup's unbounded ratio) gives a NaN interval, silently:
+    # the report's --show output is read by people.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, lo, hi, std, _ = report_summary.seed_interval([1.0, np.inf], [0, 0], [1, 1])
+    assert mean == np.inf and np.isnan([lo, hi, std]).all()
 
 
 def test_report_means_and_intervals_by_hand(sweep_root, tmp_path):

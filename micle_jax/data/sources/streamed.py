@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from micle_jax import fs
 from micle_jax.data import records, shards
 from micle_jax.data.sources import image_table
 from micle_jax.data.sources.image_table import ImageTable
@@ -54,6 +54,9 @@ class RecordsSource(Source):
         self.path = path
         self.info = records.load_info(path)
         shards.verify_shards(path, self.info)
+        # Decoded tables by (split, share): an eval that runs every N steps
+        # decodes its split once per run, not once per eval.
+        self._tables: dict[tuple[str, Share], ImageTable] = {}
 
     def _files(self, split: str, share: Share) -> tuple[list[str], bool]:
         files = shards.shard_paths(self.path, split)
@@ -138,12 +141,12 @@ class RecordsSource(Source):
         return case_ids, np.concatenate([s.labels for s in scans])
 
     def _scan(self, path: str) -> _Scan:
-        stat = os.stat(path)
-        return _scan_file(
-            path, stat.st_size, stat.st_mtime_ns, self.info.num_classes, self.info.label_type
-        )
+        size, mtime_ns = fs.stat(path)
+        return _scan_file(path, size, mtime_ns, self.info.num_classes, self.info.label_type)
 
     def table(self, split: str, share: Share, num_parallel_calls: int = -1) -> ImageTable:
+        if (split, share) in self._tables:
+            return self._tables[split, share]
         self.counts(split, share)  # logs corrupt images, rejects an empty split
         table = image_table.materialize(
             self.cases(split, share), num_parallel_calls, f"records {self.path} {split}"
@@ -153,6 +156,7 @@ class RecordsSource(Source):
                 f"records {self.path!r} split {split!r}: no image could be decoded; convert "
                 "the data again with `python -m micle_jax.data.convert`"
             )
+        self._tables[split, share] = table
         return table
 
 
