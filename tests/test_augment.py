@@ -135,6 +135,26 @@ def test_simclr_policy_has_the_recipe_ops():
     assert dict(weaker.ops)["color_jitter"]["strength"] == 0.5
 
 
+def test_simclr_small_is_simclrs_cifar_recipe():
+    # tf2/README's CIFAR-10 command: --color_jitter_strength=0.5 --use_blur=False.
+    ops = dict(policies.get_policy("simclr_small", 32).ops)
+    assert ops["color_jitter"] == dict(strength=0.5, p=0.8, impl="hsv")
+    assert ops["grayscale"] == dict(p=0.2) and ops["gaussian_blur"]["p"] == 0.0
+    assert (
+        ops["random_resized_crop"]
+        == dict(policies.get_policy("simclr", 32).ops)["random_resized_crop"]
+    )
+    # A view is the simclr view with the same draws but those two settings.
+    image = (rgb_image(50, 44) * 255).astype(np.uint8)
+    same = policies.get_policy("simclr", 24, color_jitter_strength=0.5, blur_p=0.0)
+    for s in range(3):
+        seed = tf.constant([s, 4])
+        np.testing.assert_array_equal(
+            policies.get_policy("simclr_small", 24)(image, seed).numpy(),
+            same(image, seed).numpy(),
+        )
+
+
 # --- chest X-ray policy ---
 
 

@@ -336,7 +336,7 @@ def _demo_case():
             [0.01, 0.1, 1.0],
             [0.1, 0.4],
         ),
-        ("small_scale_study.py", ["ham10000", "kermany"], 3, None, None, None),
+        ("small_scale_study.py", ["ham10000", "kermany"], 5, None, None, None),
         _demo_case(),
     ],
 )
@@ -380,6 +380,10 @@ def test_small_scale_study_grid_and_dependencies(
             k: p[k] for k in ("dataset", "method", "seed")
         }, run.name
         assert f"--config.init.checkpoint={parent.workdir}" in run.args
+    for run in by_stage["pretrain"]:
+        # SimCLR's small-image views for dermatology at 48 px, the no-blur 'cxr' for X-rays.
+        policy = {"ham10000": "simclr_small", "kermany": "cxr"}[run.params["dataset"]]
+        assert f"augment={policy}," in run.args[0], run.args[0]
     for run in by_stage["features"]:
         assert run.args[0].startswith("--config=configs/feature_eval.py:")
         assert _label_fractions(run) == tuple(fractions)

@@ -13,8 +13,11 @@ ImageNet, is out of reach offline: every backbone starts from scratch):
             methods get the same steps and views (epochs count images in both
             modes, README). SimCLR's small-scale recipe (its CIFAR-10 command:
             temperature 0.5, LARS with learning rate 1.0 x batch/256,
-            weight decay 1e-4) rather than the ImageNet one (0.1,
-            0.075 x sqrt(batch)), which is tuned for batch 4096.
+            weight decay 1e-4, and its views: colour jitter 0.5, no blur,
+            the 'simclr_small' policy, for HAM10000; the no-blur 'cxr'
+            policy for the X-rays) rather than the ImageNet one (0.1,
+            0.075 x sqrt(batch), full colour jitter and blur), which is
+            tuned for batch 4096 at 224 px.
   features  linear (logistic regression, L2 chosen on validation) and k-NN (k
             chosen on validation) on the frozen backbone of each pre-training
             run and of a random-init backbone ('random', the control), at label
@@ -34,7 +37,7 @@ balanced accuracy chooses and is reported next to top-1) and the Kermany
 pediatric chest X-rays (normal / pneumonia; AUC). A ResNet-18 of width 0.25
 at 48 px (48 > 32: the ImageNet stem, SimCLR's rule).
 
-Arguments: datasets (ham10000+kermany), seeds (3), pretrain_steps (200),
+Arguments: datasets (ham10000+kermany), seeds (5), pretrain_steps (200),
 finetune_steps (100), fractions (0.01+0.1+1.0: the frozen-feature protocols'),
 finetune_fractions (0.1: the fine-tuning stage's; '0.01+0.1+1.0' triples
 that stage), lrs (base learning rates of the fine-tuning grid, x batch/256:
@@ -51,7 +54,7 @@ IMAGE_SIZE = 48
 FINETUNE_BATCH = 64
 DATASETS = {
     # name: (records, augmentation policy, validation metric that chooses)
-    "ham10000": ("data/demo/ham10000", "simclr", "balanced_accuracy"),
+    "ham10000": ("data/demo/ham10000", "simclr_small", "balanced_accuracy"),
     "kermany": ("data/demo/kermany_cxr", "cxr", "auc_mean"),
 }
 # SimCLR's CIFAR-10 command (tf2/README): the small-batch recipe.
@@ -71,7 +74,7 @@ def get_sweep(arg=None) -> list[Stage]:
     a = config_lib.parse_arg(
         arg,
         datasets="ham10000+kermany",
-        seeds=3,
+        seeds=5,
         pretrain_steps=200,
         finetune_steps=100,
         fractions="0.01+0.1+1.0",
