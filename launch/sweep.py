@@ -18,6 +18,11 @@ Executors:
 Before starting a run the local executor writes ROOT/<run>/sweep_run.json
 ({"name", "stage", "params", "command", "depends_on"}); `python -m
 micle_jax.report --root=ROOT` reads it to label the run's results.
+
+ROOT may be a gs:// URL (micle_jax/fs.py): the runs write their workdirs
+there. A run's output still streams to a local file (a subprocess writes to a
+local file descriptor), URL_LOG_ROOT/<scheme>/<bucket>/<path>/<run>/log.txt,
+which is copied to ROOT/<run>/log.txt when the run ends.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -36,9 +42,11 @@ from typing import TextIO
 from absl import app, flags
 
 from launch import sweep_spec, xm_launch
-from micle_jax import rundir
+from micle_jax import fs, rundir
 
 LOG_FILE = "log.txt"
+# Where the runs of a sweep on a URL root log while they run (see the docstring).
+URL_LOG_ROOT = os.path.join(tempfile.gettempdir(), "micle_jax_sweep_logs")
 PRINT_PREFIX = ("python", "-m", "micle_jax.main")
 FLAGS = flags.FLAGS
 
@@ -50,7 +58,7 @@ def is_finished(workdir: str) -> bool:
 
 def write_run_file(run: sweep_spec.Run, command: Sequence[str]) -> None:
     """Atomically writes ROOT/<run>/sweep_run.json, the run's identity for the report."""
-    os.makedirs(run.workdir, exist_ok=True)
+    fs.makedirs(run.workdir)
     data = dict(
         name=run.name,
         stage=run.stage,
@@ -166,6 +174,7 @@ def run_local(
                 if proc.poll() is None:
                     continue
                 log.close()
+                _copy_log(run, out)
                 del running[name]
                 duration = time.monotonic() - started
                 progress.durations.append(duration)
@@ -186,9 +195,10 @@ def run_local(
         out.write(f"interrupted: stopping {len(running)} runs (SIGTERM) ...\n")
         for _, proc, _, _ in running.values():
             proc.terminate()
-        for _, proc, log, _ in running.values():
+        for run, proc, log, _ in running.values():
             proc.wait()
             log.close()
+            _copy_log(run, out)
         out.write("stopped; run the same command again to resume.\n")
         return 130
     finally:
@@ -220,16 +230,35 @@ def _stop_on_sigterm():
 
 
 def _log_path(run: sweep_spec.Run) -> str:
-    return os.path.join(run.workdir, LOG_FILE)
+    """The local file a run's output streams to: ROOT/<run>/log.txt, or its URL_LOG_ROOT mirror."""
+    if not fs.is_url(run.workdir):
+        return os.path.join(run.workdir, LOG_FILE)
+    scheme, _, rest = run.workdir.partition("://")
+    return os.path.join(URL_LOG_ROOT, scheme, rest, LOG_FILE)
 
 
 def _has_log(run: sweep_spec.Run) -> bool:
-    return os.path.exists(_log_path(run))
+    if os.path.exists(_log_path(run)):
+        return True
+    return fs.is_url(run.workdir) and fs.exists(os.path.join(run.workdir, LOG_FILE))
+
+
+def _copy_log(run: sweep_spec.Run, out: TextIO) -> None:
+    """Copies a URL run's local log to ROOT/<run>/log.txt (a warning if that fails)."""
+    if not fs.is_url(run.workdir):
+        return
+    remote = os.path.join(run.workdir, LOG_FILE)
+    try:
+        with open(_log_path(run), "rb") as f:
+            fs.write_bytes(remote, f.read())
+    except OSError as e:
+        out.write(f"warning: could not copy {_log_path(run)} to {remote}: {e}\n")
 
 
 def _start(run: sweep_spec.Run, prefix: Sequence[str], resume: bool):
     command = run.command(prefix)
     write_run_file(run, command)
+    os.makedirs(os.path.dirname(_log_path(run)), exist_ok=True)
     log = open(_log_path(run), "a")  # closed when the run ends
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     log.write(f"=== {stamp} {'resume' if resume else 'start'}: {shlex.join(command)}\n")
@@ -272,7 +301,7 @@ def _last_line(path: str) -> str:
 def _warn_if_changed(run: sweep_spec.Run, out: TextIO) -> None:
     """Warns when a finished run was launched with other arguments (the sweep file changed)."""
     try:
-        with open(os.path.join(run.workdir, rundir.RUN_FILE)) as f:
+        with fs.open(os.path.join(run.workdir, rundir.RUN_FILE)) as f:
             before = list(json.load(f)["command"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return
@@ -313,6 +342,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         runs = sweep_spec.expand(sweep_spec.load_sweep(FLAGS.sweep), FLAGS.root)
         sweep_spec.dependency_order(runs)  # a cycle is an error before anything starts
+        if fs.is_url(FLAGS.root) and FLAGS.executor == "local":
+            fs.isdir(FLAGS.root)  # a StorageError (a ValueError) if the bucket is out of reach
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

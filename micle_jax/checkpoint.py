@@ -8,6 +8,10 @@ never leaves a checkpoint that looks whole.
 
 Resume order (big_vision): this workdir's latest checkpoint, then the
 config's init checkpoint (weights only), then scratch.
+
+A workdir may be a gs:// URL: Orbax writes there through etils.epath
+(tf.io.gfile) and TensorStore, and asks google-cloud-storage about the bucket
+(pip install -e '.[gcs]').
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
-from micle_jax import rundir
+from micle_jax import fs, rundir
 
 PROJECTION_HEAD = "projection_head"
 # A `merge_variables` prefix: every leading projection layer that the checkpoint
@@ -36,8 +41,9 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
         enable_async_checkpointing=async_save,
         create=True,
     )
+    folder = workdir if fs.is_url(workdir) else os.path.abspath(workdir)
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), rundir.CHECKPOINT_DIR),
+        os.path.join(folder, rundir.CHECKPOINT_DIR),
         options=options,
         item_names=("state", "meta"),
     )
@@ -78,14 +84,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
     return restored.state, dict(restored.meta)
 
 
-def resolve(path: str) -> pathlib.Path:
+def resolve(path: str) -> pathlib.Path | epath.Path:
     """Finds the state folder of a checkpoint given a workdir, its checkpoints folder or a step.
 
     Accepts WORKDIR (latest step), WORKDIR/checkpoints (latest step),
-    WORKDIR/checkpoints/<step> or WORKDIR/checkpoints/<step>/state.
+    WORKDIR/checkpoints/<step> or WORKDIR/checkpoints/<step>/state; a local
+    path gives a pathlib.Path, a URL (gs://...) an etils.epath.Path.
     """
     # Absolute: Orbax reads no metadata through a relative path.
-    p = pathlib.Path(path).expanduser().absolute()
+    p = epath.Path(path) if fs.is_url(path) else pathlib.Path(path).expanduser().absolute()
     if not p.exists():
         raise FileNotFoundError(
             f"checkpoint path {p} does not exist; give a training workdir or one of its "
@@ -118,7 +125,7 @@ def select(workdir: str, which: str) -> str:
         return workdir
     if which == "best":
         path = rundir.best_dir(workdir)
-        if not os.path.isdir(path):
+        if not fs.isdir(path):
             raise FileNotFoundError(
                 f"{path} does not exist: the run kept no best checkpoint (only fine-tuning "
                 "with config.select_best keeps one); use --checkpoint=final"

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from micle_jax import report_plots, report_summary, rundir
+from micle_jax import fs, report_plots, report_summary, rundir
 
 # What the report writes into OUT (default ROOT/DEFAULT_OUT).
 DEFAULT_OUT = "report"
@@ -110,7 +110,7 @@ def markdown_table(summary: Sequence[dict], params: Sequence[str]) -> str:
 def write_csv(path: str, summary: Sequence[dict], params: Sequence[str]) -> None:
     """Writes the summary rows with every column to `path`."""
     columns = [*params, *report_summary.RESULT_KEYS, *report_summary.FACETS, *CSV_COLUMNS_AFTER]
-    with open(path, "w", newline="") as f:
+    with fs.open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for row in summary:
@@ -135,12 +135,12 @@ def write_report(root: str, out: str | None = None) -> dict:
     rows, choices = report_summary.select_tuned(rows)
     summary, params = report_summary.aggregate(rows)
     out = out or os.path.join(root, DEFAULT_OUT)
-    os.makedirs(out, exist_ok=True)
+    fs.makedirs(out)
     population = [r for r in summary if r.get("subgroup") is None]
     table = markdown_table(population, params)
     paths = [os.path.join(out, TABLE_FILE), os.path.join(out, CSV_FILE)]
     chosen = "".join(f"- {c}\n" for c in choices)
-    with open(paths[0], "w") as f:
+    with fs.open(paths[0], "w") as f:
         f.write(f"# Results of {root}\n\n{table}")
         if chosen:
             f.write(f"\nHyper-parameters chosen on validation:\n\n{chosen}")
@@ -148,7 +148,7 @@ def write_report(root: str, out: str | None = None) -> dict:
     subgroups = [r for r in summary if r.get("subgroup") is not None]
     if subgroups:
         paths.append(os.path.join(out, SUBGROUP_FILE))
-        with open(paths[-1], "w") as f:
+        with fs.open(paths[-1], "w") as f:
             f.write(f"# Subgroups of {root}\n\n{subgroup_text(subgroups, params)}")
     paths += report_plots.plot_label_efficiency(summary, params, out)
     paths += report_plots.plot_distribution_shift(summary, params, out)

@@ -13,6 +13,7 @@ no pyplot global state), so they work on headless machines and inside tests.
 from __future__ import annotations
 
 import collections
+import io
 import math
 import os
 import re
@@ -21,11 +22,21 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from micle_jax import report_summary, rundir
+from micle_jax import fs, report_summary, rundir
 
 _NOT_IN_PANEL_KEY = {"method", "label_fraction", "dataset", "split", "eval", "tuned"}
 # Subgroup figures: the whole-population metrics a reader compares groups on.
 SUBGROUP_PLOT_METRICS = ("accuracy", "balanced_accuracy", "auc_mean", "ece", "brier")
+
+
+def _save(fig: Figure, path: str) -> None:
+    """fig.savefig(path) for a local path; a URL (gs://...) gets the PNG in one upload."""
+    if not fs.is_url(path):
+        fig.savefig(path)
+        return
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    fs.write_bytes(path, buffer.getvalue())
 
 
 def _slug(parts: Sequence) -> str:
@@ -96,7 +107,7 @@ def plot_label_efficiency(summary: Sequence[dict], params: Sequence[str], out: s
         ax.grid(alpha=0.3)
         ax.legend(title="pre-training (95% CI bands)", fontsize=8, title_fontsize=8)
         path = os.path.join(out, f"label_efficiency_{name}.png")
-        fig.savefig(path)
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -160,7 +171,7 @@ def plot_distribution_shift(summary: Sequence[dict], params: Sequence[str], out:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=len(datasets))
         path = os.path.join(out, f"distribution_shift_{name}.png")
-        fig.savefig(path)
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -216,7 +227,7 @@ def plot_calibration(summary: Sequence[dict], params: Sequence[str], out: str) -
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
         path = os.path.join(out, f"calibration_{name}.png")
-        fig.savefig(path)
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -292,7 +303,7 @@ def plot_subgroups(summary: Sequence[dict], params: Sequence[str], out: str) -> 
         axes[-1].legend(title="dashed: whole population", fontsize=7, title_fontsize=7)
         fig.suptitle(f"Subgroups: {title} (95% CI)", fontsize=9)
         path = os.path.join(out, f"subgroups_{name}.png")
-        fig.savefig(path)
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -337,7 +348,7 @@ def plot_reliability(curves: Sequence[dict], title: str, path: str) -> str:
         hist.set_ylabel("images")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 
@@ -357,7 +368,7 @@ def write_run_plots(workdir: str, artifacts: dict) -> list[str]:
         if not curves:
             continue
         folder = os.path.join(workdir, rundir.PLOTS_DIR)
-        os.makedirs(folder, exist_ok=True)
+        fs.makedirs(folder)
         path = os.path.join(folder, f"reliability_{_slug(key.split('/'))}.png")
         paths.append(plot_reliability(curves, f"Reliability: {key}", path))
     return paths

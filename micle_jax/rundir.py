@@ -16,22 +16,27 @@ and `predict` share:
   WORKDIR/best/checkpoints/<step>/   the best checkpoint by validation (BEST_DIR)
 
 Every file is written whole or not at all (`atomic_open`: a temporary file in
-the same folder, then a rename), so a reader never sees half a file and a
-killed run never leaves one. Only process 0 writes (`write_status`,
-`write_results`); everything here is plain Python and JSON, so the report and
-the launcher read run directories without importing JAX. `check_workdir`
-checks a trainer's --workdir before anything is written.
+the same folder, then a rename; on Google Cloud Storage one upload, which
+creates the object whole), so a reader never sees half a file and a killed run
+never leaves one. A workdir may be local or a gs:// URL (micle_jax/fs.py).
+Only process 0 writes (`write_status`, `write_results`); everything here is
+plain Python and JSON, so the report and the launcher read run directories
+without importing JAX. `check_workdir` checks a trainer's --workdir before
+anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pathlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+from micle_jax import fs
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "run_status.json"
@@ -54,8 +59,16 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[Any]:
     """Opens a temporary file beside `path`; renames it onto `path` when the block succeeds.
 
     The folder is created if needed. On an exception the temporary file is
-    removed and `path` keeps its previous content (or stays absent).
+    removed and `path` keeps its previous content (or stays absent). A URL
+    (gs://...) is written to memory and uploaded when the block succeeds: a
+    GCS object is created whole or not at all, so no temporary object is needed.
     """
+    if fs.is_url(path):
+        buffer = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buffer
+        data = buffer.getvalue()
+        fs.write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # Named by the process and thread, created with open() so that the file
@@ -83,10 +96,15 @@ def write_json_atomic(path: str, data: Any) -> None:
 def check_workdir(workdir: str) -> str:
     """Checks that `workdir` can be created and written; returns its absolute path.
 
-    Creates nothing: a run that fails later config checks leaves no trace.
+    A URL (gs://bucket/folder) is returned as it is, once its bucket is found
+    and the folder is not an object; whether the credentials may write there
+    shows at the first write. Creates nothing: a run that fails later config
+    checks leaves no trace.
     """
     if not workdir:
         raise ValueError("--workdir is required (where logs and checkpoints go)")
+    if fs.is_url(workdir):
+        return _check_url_workdir(workdir)
     path = os.path.abspath(os.path.expanduser(workdir))
     probe = path
     while not os.path.exists(probe):
@@ -101,6 +119,21 @@ def check_workdir(workdir: str) -> str:
             f"--workdir={workdir}: {probe} is not writable; choose a folder you can write to"
         )
     return path
+
+
+def _check_url_workdir(workdir: str) -> str:
+    """check_workdir for gs://bucket/folder: the bucket exists, the folder is no object."""
+    scheme, _, rest = workdir.partition("://")
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if not fs.isdir(bucket):
+        raise ValueError(
+            f"--workdir={workdir}: bucket {bucket} does not exist or these credentials cannot "
+            f"see it; create it (`gcloud storage buckets create {bucket}`) or fix the name; "
+            + fs.CREDENTIALS_HINT
+        )
+    if workdir.rstrip("/") != bucket and fs.isfile(workdir.rstrip("/")):
+        raise ValueError(f"--workdir={workdir}: {workdir} exists and is not a folder")
+    return workdir
 
 
 def _is_main_process() -> bool:
@@ -121,9 +154,9 @@ def write_config(workdir: str, config) -> None:
 def read_config(workdir: str) -> dict:
     """WORKDIR/config.json as a dict; a clear error if the folder is not a run directory."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
-    with open(path) as f:
+    with fs.open(path) as f:
         return json.load(f)
 
 
@@ -142,10 +175,12 @@ def read_status(workdir: str) -> dict | None:
     """
     path = os.path.join(workdir, STATUS_FILE)
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             status = json.load(f)
     except FileNotFoundError:
         return None
+    except fs.StorageError:
+        raise  # the storage, not the file, is at fault
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is unreadable ({e}); delete it and rerun the run") from e
     if not isinstance(status, dict):
@@ -191,7 +226,7 @@ def write_cases(workdir: str, case_ids: Sequence[str]) -> str:
 
 def read_cases(workdir: str) -> list[str]:
     """The case ids written by `write_cases`."""
-    with open(os.path.join(workdir, CASES_FILE)) as f:
+    with fs.open(os.path.join(workdir, CASES_FILE)) as f:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
@@ -206,7 +241,10 @@ def checkpoint_label(state_dir: str | os.PathLike) -> str:
     Args:
       state_dir: a checkpoint's state folder, WORKDIR[/best]/checkpoints/<step>/state.
     """
-    parts = pathlib.Path(state_dir).resolve().parts
+    if fs.is_url(state_dir):
+        parts = pathlib.PurePosixPath(os.fspath(state_dir).split("://", 1)[1]).parts
+    else:
+        parts = pathlib.Path(state_dir).resolve().parts
     if CHECKPOINT_DIR in parts:
         at = len(parts) - 1 - parts[::-1].index(CHECKPOINT_DIR)
         return "best" if at > 0 and parts[at - 1] == BEST_DIR else "final"

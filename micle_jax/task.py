@@ -15,7 +15,7 @@ import os
 import jax
 import ml_collections
 
-from micle_jax import models, rundir
+from micle_jax import fs, models, rundir
 
 LABEL_TYPES = ("multiclass", "multilabel")
 
@@ -51,12 +51,12 @@ class TaskInfo:
     def load(cls, workdir: str) -> TaskInfo:
         """Reads WORKDIR/task_info.json; a clear error if the run wrote none."""
         path = os.path.join(workdir, rundir.TASK_FILE)
-        if not os.path.isfile(path):
+        if not fs.isfile(path):
             raise FileNotFoundError(
                 f"{path} not found: {workdir} is not a fine-tuning workdir (run "
                 "`python -m micle_jax.main --config=configs/finetune_*.py` first)"
             )
-        with open(path) as f:
+        with fs.open(path) as f:
             return cls(**json.load(f))
 
 

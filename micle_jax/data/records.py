@@ -17,7 +17,8 @@ patient-level train/test split the only possible split. Features:
                     1 positive, 0 negative, UNCERTAIN, MISSING
 
 docs/data_format.md describes the format and the converter
-(`python -m micle_jax.data.convert`) that writes it.
+(`python -m micle_jax.data.convert`) that writes it. A dataset folder may be a
+gs:// URL (micle_jax/fs.py): tf.data reads the shards from there.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from micle_jax import fs
 
 # CheXpert's label convention: -1 marks an uncertain finding, a blank cell a
 # finding the report did not mention.
@@ -102,15 +105,15 @@ def load_info(path: str) -> DatasetInfo:
       FileNotFoundError: the folder or its dataset_info.json does not exist.
       ValueError: the JSON is corrupt or does not describe a dataset.
     """
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
         raise FileNotFoundError(f"dataset folder {path!r} does not exist; {CONVERT_HINT}")
     info_path = os.path.join(path, INFO_FILE)
-    if not os.path.isfile(info_path):
+    if not fs.isfile(info_path):
         raise FileNotFoundError(
             f"{info_path!r} not found: {path!r} is not a converted dataset; {CONVERT_HINT}"
         )
     try:
-        with open(info_path) as f:
+        with fs.open(info_path) as f:
             raw = json.load(f)
         fields = {f.name for f in dataclasses.fields(DatasetInfo)}
         info = DatasetInfo(**{k: v for k, v in raw.items() if k in fields})
@@ -125,11 +128,11 @@ def load_info(path: str) -> DatasetInfo:
 def write_info(path: str, info: DatasetInfo) -> None:
     """Writes `info` as `{path}/dataset_info.json` (after checking it)."""
     info.check()
-    os.makedirs(path, exist_ok=True)
+    fs.makedirs(path)
     fields = dataclasses.asdict(info)
     if not fields["modality"]:
         del fields["modality"]
-    with open(os.path.join(path, INFO_FILE), "w") as f:
+    with fs.open(os.path.join(path, INFO_FILE), "w") as f:
         json.dump(fields, f, indent=2)
         f.write("\n")
 

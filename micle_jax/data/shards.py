@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from micle_jax import fs
 from micle_jax.data.records import CONVERT_HINT, SPLITS, DatasetInfo
 
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
@@ -31,10 +32,12 @@ def shard_paths(path: str, split: str) -> list[str]:
     Raises:
       ValueError: no shard of `split` exists; the message lists the splits present.
     """
-    found = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*-of-*")))
+    # A URL's folder names are taken as they are (tf.io.gfile has no glob.escape).
+    folder = path if fs.is_url(path) else glob.escape(path)
+    found = sorted(fs.glob(os.path.join(folder, f"{split}-*-of-*")))
     found = [p for p in found if _SHARD_RE.match(os.path.basename(p))]
     if not found:
-        names = os.listdir(path) if os.path.isdir(path) else []
+        names = fs.listdir(path) if fs.isdir(path) else []
         present = sorted({m["split"] for m in map(_SHARD_RE.match, names) if m})
         raise ValueError(
             f"no shards of split {split!r} in {path!r}; available splits: {present or 'none'}"
@@ -46,7 +49,7 @@ def shard_paths(path: str, split: str) -> list[str]:
 def file_sha256(path: str) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -68,7 +71,7 @@ def write_split(
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     if num_shards < 1:
         raise ValueError(f"num_shards={num_shards} must be >= 1")
-    os.makedirs(path, exist_ok=True)
+    fs.makedirs(path)
     names = [f"{split}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
     counts = [0] * num_shards
     writers = [tf.io.TFRecordWriter(os.path.join(path, name)) for name in names]
@@ -131,12 +134,12 @@ def verify_shards(
         for shard in entry["shards"]
     ]
     for split, file, _ in shards:
-        if not os.path.isfile(file):
+        if not fs.isfile(file):
             raise ValueError(
                 f"split {split!r}: shard {file!r} is missing; convert the data again "
                 "with `python -m micle_jax.data.convert` (see docs/data_format.md)"
             )
-    total = sum(os.path.getsize(file) for _, file, _ in shards)
+    total = sum(fs.stat(file)[0] for _, file, _ in shards)
     if max_hash_bytes is None or total <= max_hash_bytes:
         for split, file, sha256 in shards:
             if _cached_sha256(file, *_stamp(file)) != sha256:
@@ -156,8 +159,7 @@ def verify_shards(
 
 
 def _stamp(file: str) -> tuple[int, int]:
-    stat = os.stat(file)
-    return stat.st_size, stat.st_mtime_ns
+    return fs.stat(file)
 
 
 # Keyed on the file's size and mtime too: a rewritten file is hashed again.

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from micle_jax import checkpoint, evaluators, report_plots, rundir, sharding
+from micle_jax import checkpoint, evaluators, fs, report_plots, rundir, sharding
 from micle_jax import task as task_lib
 from micle_jax.data.stream import pipeline
 
@@ -52,7 +52,7 @@ def evaluate_checkpoint(
         )
     workdir = rundir.check_workdir(workdir)
     results_file = os.path.join(workdir, rundir.RESULTS_FILE)
-    if os.path.exists(results_file):
+    if fs.exists(results_file):
         raise ValueError(
             f"{results_file} already exists; pass a new --workdir for this evaluation so "
             "nothing is overwritten"
@@ -86,7 +86,7 @@ def evaluate_checkpoint(
     # --- Evaluate and write. ---
     evals = evaluators.build_evaluators(config, task, model, mesh)
     outputs, rows, artifacts = evaluators.run_evaluators(evals, variables, step, label)
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     task.save(workdir)
     path = rundir.write_results(workdir, config, with_protocol(rows, config), artifacts)
     if jax.process_index() == 0:

@@ -30,14 +30,12 @@ init=workdirs/demo/pretrain_micle --workdir=workdirs/demo/features_micle_s0
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from micle_jax import checkpoint, models, rundir, sharding
+from micle_jax import checkpoint, fs, models, rundir, sharding
 from micle_jax.data.stream import fractions, pipeline
 from micle_jax.evaluators import metrics
 from micle_jax.evaluators.classification import classification_metrics
@@ -166,7 +164,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     summary[f"{protocol}/{fraction:g}/{r['metric']}"] = r["value"]
 
     # --- Results. ---
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     path = rundir.write_results(workdir, config, rows)
     rundir.write_status(workdir, "finished", step=0, results=path)
     logging.info("Feature evaluation done; results in %s", path)

@@ -23,8 +23,6 @@ evaluate.py is `--mode=eval`: the same evaluations on any checkpoint.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 import numpy as np
@@ -32,7 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, parameter_overview
 
-from micle_jax import checkpoint, config_lib, evaluators, optim, report_plots, rundir, sharding
+from micle_jax import checkpoint, config_lib, evaluators, fs, optim, report_plots, rundir, sharding
 from micle_jax import task as task_lib
 from micle_jax.data.stream import pipeline
 from micle_jax.trainers import evaluate, loop, restore, train_state
@@ -203,7 +201,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = state.replace(params=step_lib.zero_head(state.params))
 
     # --- Checkpoints: resume, else init weights, else scratch. ---
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     meta = {"global_batch_size": config.batch_size, "seed": config.seed, "trainer": "finetune"}
     best = BestCheckpoint(workdir, config.select_best, meta)

@@ -10,14 +10,13 @@ inserts the collectives for the sharded batch.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
 from absl import logging
 from clu import metric_writers, parameter_overview
 
-from micle_jax import checkpoint, config_lib, evaluators, optim, rundir, sharding
+from micle_jax import checkpoint, config_lib, evaluators, fs, optim, rundir, sharding
 from micle_jax.data.stream import pipeline
 from micle_jax.trainers import contrastive_step, loop, restore, train_state
 
@@ -72,7 +71,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evals = evaluators.build_evaluators(config, None, model, mesh) if config.get("evals") else {}
 
     # --- Checkpoints: resume, else init weights, else scratch. ---
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     meta = {"global_batch_size": config.batch_size, "seed": config.seed, "trainer": "pretrain"}
     state, _ = restore.restore_or_init(

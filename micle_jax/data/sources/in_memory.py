@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 
 import numpy as np
 
-from micle_jax import config_lib
+from micle_jax import config_lib, fs
 from micle_jax.data import records
 from micle_jax.data.sources import image_table, interface, synthetic
 from micle_jax.data.sources.image_table import ImageTable
@@ -133,11 +134,12 @@ def _arrays_table(split, images, labels, case_ids, label_type, num_classes) -> I
 
 def from_npz(path: str) -> TableSource:
     """The source of a MedMNIST-style npz: {split}_images and {split}_labels arrays."""
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise FileNotFoundError(
             f"arrays source: {path!r} not found (expected a MedMNIST-style npz)"
         )
-    with np.load(path) as data:
+    # np.load needs a seekable file: a URL's bytes are read into memory first.
+    with np.load(io.BytesIO(fs.read_bytes(path)) if fs.is_url(path) else path) as data:
         arrays = {k: data[k] for k in data.files}
     splits = {}
     # MedMNIST names the validation split 'val'.
