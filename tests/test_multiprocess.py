@@ -10,78 +10,17 @@ evaluating its share and gathering the predictions, write the results of one.
 """
 
 import json
-import os
-import pathlib
 import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from multiprocess_util import launch_many, run_one
 
 from micle_jax import checkpoint, rundir
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = "--config=tests/fixtures/tiny_pretrain.py:steps=4"
 FINETUNE = "--config=tests/fixtures/tiny_finetune.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(workdir, devices_per_process, extra=(), config=CONFIG):
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-    }
-    cmd = [sys.executable, "-m", "micle_jax.main", config, f"--workdir={workdir}", *extra]
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def launch_many(workdir, num_processes, devices, extra=(), config=CONFIG):
-    """`num_processes` processes of `devices` devices on one coordinator; their outputs."""
-    port = free_port()
-    procs = [
-        launch(
-            workdir,
-            devices,
-            (
-                f"--coordinator_address=127.0.0.1:{port}",
-                f"--num_processes={num_processes}",
-                f"--process_id={i}",
-                *extra,
-            ),
-            config,
-        )
-        for i in range(num_processes)
-    ]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:  # a timeout or a failed peer must not leave the other process running
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-    return outs
-
-
-def run_one(workdir, devices, extra=(), config=CONFIG) -> str:
-    """One process of `devices` devices; its output."""
-    proc = launch(workdir, devices, extra, config)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    return out
 
 
 def logged_losses(out: str) -> dict[int, float]:
