@@ -143,15 +143,6 @@ def stat(path: str) -> tuple[int, int]:
     return int(info.length), int(info.mtime_nsec)
 
 
-def remove(path: str) -> None:
-    """Deletes a file."""
-    if not is_url(path):
-        os.remove(path)
-        return
-    with _remote(path):
-        _gfile().remove(path)
-
-
 def open(path: str, mode: str = "r", **kwargs) -> Any:  # fs.open, like os.open
     """builtins.open for a local path; tf.io.gfile.GFile for a URL.
 
