@@ -20,7 +20,7 @@ multiclass labels), arch, init (a pre-training workdir or checkpoint; '' =
 random init), select (balanced_accuracy | accuracy | auc_mean: the
 validation metric that picks each hyper-parameter), runlocal.
 Chosen here (not published for this setting): label fractions 1%, 10%, 100%;
-k in 5, 10, 20, 50; 300 full-batch Adam steps
+k in 5, 10, 20, 50; at most 300 L-BFGS iterations
 on standardised features (evaluators/linear_probe.py) with class-balanced
 weights (scikit-learn's class_weight='balanced': HAM10000 is 67% 'nv', and
 balanced accuracy is what chooses and what is reported).

@@ -20,7 +20,7 @@ from micle_jax import checkpoint, models, recipes, rundir, sharding
 from micle_jax.data.stream import fractions, pipeline
 from micle_jax.evaluators.eval_data import Context, EvalData
 from micle_jax.evaluators.knn import knn_scores
-from micle_jax.evaluators.linear_probe import fit_linear_probe
+from micle_jax.evaluators.linear_probe import fit_linear_probe, fit_linear_probe_path
 from micle_jax.evaluators.predictor import Predictor
 from micle_jax.task import TaskInfo
 from micle_jax.trainers import feature_eval, pretrain
@@ -97,7 +97,7 @@ def softmax(logits):
 
 
 class Spy:
-    """Wraps the trainer's fit_linear_probe / knn_scores to record the training data it used."""
+    """Wraps the trainer's fit_linear_probe_path / knn_scores to record their training data."""
 
     def __init__(self):
         self.calls = []
@@ -113,7 +113,7 @@ class Spy:
 def run_spied(config, workdir):
     spy = Spy()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(feature_eval, "fit_linear_probe", spy.wrap("linear", fit_linear_probe))
+        mp.setattr(feature_eval, "fit_linear_probe_path", spy.wrap("linear", fit_linear_probe_path))
         mp.setattr(feature_eval, "knn_scores", spy.wrap("knn", knn_scores))
         summary = feature_eval.main(config, str(workdir))
     with open(os.path.join(workdir, "results.json")) as f:
@@ -201,12 +201,13 @@ def test_rows_for_every_protocol_fraction_and_split_with_their_tags(random_run):
 def test_each_fraction_trains_on_the_cases_select_cases_keeps(random_run):
     feats, spy, seed = random_run["feats"], random_run["spy"], random_run["config"].seed
     train = feats["train"]
-    # One call per grid value, in fraction order, linear then knn.
+    # In fraction order: one linear call for the whole L2 grid (the
+    # regularisation path), then one k-NN call per k.
     expected_calls = [
         (protocol, fraction)
         for fraction in FRACTIONS
-        for protocol, grid in (("linear", L2_GRID), ("knn", K_GRID))
-        for _ in grid
+        for protocol, calls in (("linear", 1), ("knn", len(K_GRID)))
+        for _ in range(calls)
     ]
     assert [c[0] for c in spy.calls] == [p for p, _ in expected_calls]
     for (_, fraction), (_, x, y) in zip(expected_calls, spy.calls, strict=True):

@@ -41,7 +41,7 @@ from micle_jax.evaluators import metrics
 from micle_jax.evaluators.classification import classification_metrics
 from micle_jax.evaluators.eval_data import Context, EvalData, eval_seed
 from micle_jax.evaluators.knn import knn_scores, vote_log_shares
-from micle_jax.evaluators.linear_probe import fit_linear_probe
+from micle_jax.evaluators.linear_probe import fit_linear_probe_path
 from micle_jax.evaluators.predictor import Predictor
 from micle_jax.task import TaskInfo
 
@@ -200,31 +200,38 @@ def _kept_cases(config, train: dict, class_names) -> dict[float, set[str]]:
 
 
 def _scorer(config, protocol: str, x: np.ndarray, y: np.ndarray, num_classes: int):
-    """(grid, hyper-parameter name, (value, features [n, d]) -> class scores [n, C])."""
+    """(grid, hyper-parameter name, features [n, d] -> {value: class scores [n, C]})."""
     if protocol == "linear":
+        grid = list(config.linear.l2_grid)
 
-        def score(value, feats_eval):
-            return fit_linear_probe(
+        def score_grid(feats_eval):
+            scores = fit_linear_probe_path(
                 x,
                 y,
                 feats_eval,
                 num_classes,
-                l2=value,
+                grid,
                 steps=config.linear.steps,
                 balanced=config.linear.balanced,
             )
+            return dict(zip(grid, scores, strict=True))
 
-        return list(config.linear.l2_grid), "l2", score
+        return grid, "l2", score_grid
 
-    def score(value, feats_eval):
+    grid = list(config.knn.k_grid)
+
+    def score_grid(feats_eval):
         # Log vote shares, not the raw votes (up to exp(1/0.07) each): the
         # metrics' softmax of raw votes is one-hot, and its AUC that of
         # the hard predictions.
-        return vote_log_shares(
-            knn_scores(x, y, feats_eval, num_classes, int(value), config.knn.temperature)
-        )
+        return {
+            k: vote_log_shares(
+                knn_scores(x, y, feats_eval, num_classes, int(k), config.knn.temperature)
+            )
+            for k in grid
+        }
 
-    return list(config.knn.k_grid), "k", score
+    return grid, "k", score_grid
 
 
 def _evaluate_protocol(config, protocol, fraction, kept, feats, splits, task) -> list[dict]:
@@ -232,9 +239,9 @@ def _evaluate_protocol(config, protocol, fraction, kept, feats, splits, task) ->
     train, val, test = feats["train"], feats["validation"], feats["test"]
     sub = np.array([c in kept for c in train["case_id"]])
     x, y = train["features"][sub], train["label"][sub]
-    grid, key, score = _scorer(config, protocol, x, y, task.num_classes)
+    grid, key, score_grid = _scorer(config, protocol, x, y, task.num_classes)
     both = np.concatenate([val["features"], test["features"]])
-    scored = {v: score(v, both) for v in grid}
+    scored = score_grid(both)
     choice = {
         v: select_value(config.select_metric, s[: len(val["label"])], val["label"])
         for v, s in scored.items()
