@@ -6,7 +6,8 @@ import pytest
 from sklearn import calibration as skc
 from sklearn import metrics as skm
 
-from micle_jax.evaluators import calibration
+from micle_jax.evaluators import calibration, clinical
+from micle_jax.evaluators.metric_set import MetricSet
 from micle_jax.evaluators.outputs import Predictions
 
 
@@ -197,3 +198,58 @@ def test_multilabel_temperatures_are_per_class_and_nan_without_both_labels():
     )
     np.testing.assert_allclose(fitted[:2], true_t[:2], rtol=0.1)
     assert np.isnan(fitted[2])
+
+
+def test_multilabel_eval_fits_a_temperature_per_class_on_validation_and_applies_it_to_test():
+    """ClinicalMetrics as an eval runs it: each finding's temperature is the minimum of its
+    validation log-loss on known labels (a grid here), and test's after-temperature ECE and
+    Brier are sklearn's on sigmoid(logit / T); a finding without both labels is left out."""
+    rng = np.random.default_rng(5)
+    names, true_t = ["edema", "effusion", "hernia"], np.array([0.5, 3.0, 1.0])
+
+    def draw(n):
+        logits = 3 * rng.normal(size=(n, 3))
+        targets = (rng.random((n, 3)) < 1 / (1 + np.exp(-logits / true_t))).astype(float)
+        mask = (rng.random((n, 3)) > 0.3).astype(float)
+        targets[mask == 0] = 1 - targets[mask == 0]  # unknown labels, wrong on purpose
+        ids = np.array([f"i{i}" for i in range(n)], dtype=object)
+        return Predictions(logits, targets, mask, ids, ids, "multilabel")
+
+    validation, test = draw(2000), draw(1500)
+    validation.labels[:, 2] = 1.0  # only positives: no temperature for 'hernia'
+    metrics = clinical.ClinicalMetrics(
+        "test", dict(fit_on="validation", calibration=True), None, names
+    )
+    no_other_metrics = lambda p: MetricSet([], lambda w: np.zeros(0))  # noqa: E731
+    output = metrics.evaluate(test, no_other_metrics, 0, 0, fit=validation)
+    rows = {(m.name, m.tags.get("calibration")): m for m in output.metrics}
+    assert ("temperature/hernia", "after_temperature") not in rows
+    assert ("ece/hernia", "after_temperature") not in rows
+    assert ("ece/hernia", "before_temperature") in rows  # test has both labels
+    grid = np.exp(np.linspace(np.log(0.1), np.log(10), 4001))
+    for c, name in enumerate(names[:2]):
+        known = validation.weights[:, c] > 0
+        z, y = validation.logits[known, c], validation.labels[known, c]
+        x = z[None, :] / grid[:, None]  # [grid, images]: -log p = log(1 + e^-x)
+        nll = np.mean(y * np.logaddexp(0, -x) + (1 - y) * np.logaddexp(0, x), axis=1)
+        t = grid[np.argmin(nll)]
+        assert nll.min() == pytest.approx(skm.log_loss(y, 1 / (1 + np.exp(-z / t))))
+        temperature = rows[(f"temperature/{name}", "after_temperature")]
+        assert temperature.value == pytest.approx(t, rel=2e-3)
+        assert temperature.value == pytest.approx(true_t[c], rel=0.15)
+        assert temperature.info == {"fit_on": "validation"}
+        known = test.weights[:, c] > 0
+        y = test.labels[known, c]
+        p = 1 / (1 + np.exp(-test.logits[known, c] / temperature.value))
+        prob_true, prob_pred = skc.calibration_curve(y, p, n_bins=15)
+        counts = np.bincount(np.searchsorted(np.linspace(0, 1, 16)[1:-1], p), minlength=15)
+        ece = np.sum(counts[counts > 0] / known.sum() * np.abs(prob_true - prob_pred))
+        assert rows[(f"ece/{name}", "after_temperature")].value == pytest.approx(ece)
+        assert rows[(f"brier/{name}", "after_temperature")].value == pytest.approx(
+            skm.brier_score_loss(y, p)
+        )
+    # The reliability diagrams: one per finding before, one per fitted finding after.
+    curves = [(c["calibration"], c["class"]) for c in output.artifacts["reliability"]]
+    assert curves == [("before_temperature", n) for n in names] + [
+        ("after_temperature", n) for n in names[:2]
+    ]

@@ -9,6 +9,8 @@ PNG. pydicom's own test files are used only where they ship inside its wheel
 """
 
 import csv
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -190,6 +192,9 @@ def _variant(name, p, rng):
         return p16 + 1000, "MONOCHROME2", 12, dict(WindowCenter=1128, WindowWidth=256), {}
     if name == "12-bit MONOCHROME1, window":
         return 16 * (255 - p16) + 15 - noise, "MONOCHROME1", 12, exact, {}
+    if name == "12-bit, first of two windows (the default)":
+        windows = dict(WindowCenter=[2047.5, 300], WindowWidth=[4080, 50])
+        return 16 * p16 + noise, "MONOCHROME2", 12, dict(exact, **windows), {}
     if name == "12-bit, second of two windows (--dicom_voi=1)":
         windows = dict(WindowCenter=[300, 2047.5], WindowWidth=[50, 4080])
         return 16 * p16 + noise, "MONOCHROME2", 12, dict(exact, **windows), dict(dicom_voi="1")
@@ -218,6 +223,7 @@ VARIANTS = [
     "12-bit MONOCHROME2, LINEAR_EXACT window",
     "12-bit MONOCHROME2, narrow LINEAR window",
     "12-bit MONOCHROME1, window",
+    "12-bit, first of two windows (the default)",
     "12-bit, second of two windows (--dicom_voi=1)",
     "12-bit, 8-bit VOI LUT of 4096 entries (before the window)",
     "12-bit, 16-bit VOI LUT as OW",
@@ -473,7 +479,8 @@ def test_ids_are_keyed_hashes_and_no_identifier_is_written(tmp_path, hannover):
             bits_stored=8,
             **_tags(source),
         )
-    meta_tags = ["PatientSex", "ViewPosition", "PatientAge", "Manufacturer"]
+    # The issue's five metadata tags; InstitutionName (the site) is kept in clear.
+    meta_tags = ["PatientSex", "PatientAge", "ViewPosition", "Manufacturer", "InstitutionName"]
     _convert(tmp_path / "in", tmp_path / "out", meta_tags=meta_tags)
     written = _records(tmp_path / "out")
     identifiers = set()
@@ -481,9 +488,13 @@ def test_ids_are_keyed_hashes_and_no_identifier_is_written(tmp_path, hannover):
         tags = _tags(source)
         _, meta, case = written[_image_id(source)]
         assert case == deidentify.keyed_id(KEY, source["patient"])
+        # HMAC-SHA256 with the key (RFC 2104), as deidentify.py documents: ids stay the
+        # same across versions, so an --exclude_cases list keeps finding its patients.
+        hmac_hex = hmac.new(KEY, source["patient"].encode(), hashlib.sha256).hexdigest()
+        assert case == hmac_hex[:16]
         assert meta == {k: tags[k] for k in meta_tags}
         identifiers |= {tags[k] for k in ("PatientID", "PatientName", "StudyInstanceUID")}
-        identifiers |= {tags["SOPInstanceUID"], tags["PatientBirthDate"], tags["InstitutionName"]}
+        identifiers |= {tags["SOPInstanceUID"], tags["PatientBirthDate"]}
     assert len({case for _, _, case in written.values()}) == 2
     for name in os.listdir(tmp_path / "out"):
         data = (tmp_path / "out" / name).read_bytes()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from micle_jax.evaluators import operating_points
+from micle_jax.evaluators import clinical, operating_points
+from micle_jax.evaluators.metric_set import MetricSet
 from micle_jax.evaluators.outputs import Predictions
 
 
@@ -144,3 +145,58 @@ def test_operating_points_field_errors():
         operating_points.parse("t", dict(specificity=(0.9,), classes=("melanoma",)), names)
     with pytest.raises(ValueError, match="names no target"):
         operating_points.parse("t", dict(specificity=()), names)
+
+
+def test_multilabel_thresholds_are_fitted_per_class_on_known_validation_labels():
+    """Through ClinicalMetrics as an eval runs it: each finding's threshold is the validation
+    ROC point of its own known labels (unknown ones left out), and its test rates are
+    sklearn's on its known test labels at that threshold."""
+    rng = np.random.default_rng(3)
+    names = ["edema", "effusion", "hernia"]
+
+    def draw(n, positive_rate):
+        targets = (rng.random((n, 3)) < positive_rate).astype(float)
+        logits = rng.normal(size=(n, 3)) + np.array([1.0, 2.0, 3.0]) * targets
+        mask = (rng.random((n, 3)) > 0.25).astype(float)
+        # Unknown labels scored high: counting them would move every threshold.
+        logits[mask == 0] += 4.0
+        return _predictions(logits, targets, mask, "multilabel")
+
+    validation, test = draw(500, [0.3, 0.5, 0.2]), draw(400, [0.3, 0.5, 0.2])
+    validation.labels[:, 2] = validation.labels[:, 2] * (1 - validation.weights[:, 2])
+    entry = dict(fit_on="validation", operating_points=dict(specificity=0.9, sensitivity=0.95))
+    metrics = clinical.ClinicalMetrics("test", entry, None, names)
+    base = lambda p: MetricSet([], lambda w: np.zeros(0))  # noqa: E731 - no other metrics
+    output = metrics.evaluate(test, base, 0, 0, fit=validation)
+    rows = {(m.name, m.tags["target"]): m for m in output.metrics}
+    # 'hernia' has no known positive in validation: no threshold and no rates.
+    assert not [key for key in rows if key[0].endswith("/hernia")]
+    checked = 0
+    for k, name in enumerate(names[:2]):
+        known = validation.weights[:, k] > 0
+        scores = 1 / (1 + np.exp(-validation.logits[known, k]))
+        test_known = test.weights[:, k] > 0
+        test_scores = 1 / (1 + np.exp(-test.logits[test_known, k]))
+        for kind, target in (("specificity", 0.9), ("sensitivity", 0.95)):
+            label = f"{kind}={target:g}"
+            want = _sklearn_threshold(
+                scores, validation.labels[known, k], np.ones(known.sum()), kind, target
+            )
+            threshold = rows[(f"threshold/{name}", label)]
+            assert threshold.value == pytest.approx(want, rel=1e-12)
+            assert threshold.info == {"fit_on": "validation"}
+            predicted = test_scores >= want
+            y = test.labels[test_known, k]
+            tn, fp, fn, tp = skm.confusion_matrix(y, predicted).ravel()
+            expected = {
+                "sensitivity": tp / (tp + fn),
+                "specificity": tn / (tn + fp),
+                "ppv": tp / (tp + fp),
+                "npv": tn / (tn + fn),
+            }
+            for rate, value in expected.items():
+                row = rows[(f"{rate}/{name}", label)]
+                assert row.value == pytest.approx(value), (rate, name, label)
+                assert row.info["threshold"] == threshold.value
+                checked += 1
+    assert checked == 2 * 2 * 4

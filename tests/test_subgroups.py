@@ -6,14 +6,18 @@ import collections
 import functools
 import json
 import pathlib
+import types
+import zlib
 
 import numpy as np
 import pytest
+import scipy.special
 import tensorflow as tf
 from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
 from micle_jax.data import shards
-from micle_jax.evaluators import bootstrap, metric_set, subgroups
+from micle_jax.evaluators import bootstrap, clinical, metric_set, subgroups
 from micle_jax.evaluators.classification import classification_set
 from micle_jax.evaluators.outputs import Predictions
 
@@ -169,3 +173,115 @@ def test_subgroup_metrics_gaps_and_intervals_against_a_separate_computation():
     assert female == {"num_cases", "num_images", "accuracy", "gap/accuracy"} | {
         f"{prefix}per_class_accuracy/{c}" for prefix in ("", "gap/") for c in "abc"
     }
+
+
+HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+def _ham_predictions(split):
+    """Predictions of a made-up over-confident model on HAM10000's `split`, labels and ids
+    read with tf.train.Example; from age 60 the logits carry less signal."""
+    meta, case_of = _meta_by_hand(split)
+    labels = {}
+    for path in shards.shard_paths(str(HAM10000), split):
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            feature = tf.train.Example.FromString(raw).features.feature
+            ids = [i.decode() for i in feature["image/id"].bytes_list.value]
+            labels.update(zip(ids, feature["label/class"].int64_list.value, strict=True))
+    ids = np.array(sorted(labels), dtype=object)
+    y = np.array([labels[i] for i in ids])
+    logits = []
+    for image_id, label in zip(ids, y, strict=True):
+        rng = np.random.default_rng(zlib.crc32(image_id.encode()))
+        age = meta[image_id]["age"]
+        signal = 0.8 if age and float(age) >= 60 else 2.0
+        logits.append(3.0 * (rng.normal(size=7) + signal * np.eye(7)[label]))
+    cases = np.array([case_of[i] for i in ids], dtype=object)
+    pred = Predictions(np.array(logits), y, np.ones(len(y)), cases, ids, "multiclass")
+    return pred, meta
+
+
+def _ece_by_sklearn(logits, labels, temperature=1.0):
+    """15-bin ECE of the top-1 confidence from calibration_curve's bins (share-weighted)."""
+    probs = scipy.special.softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+    confidence, correct = probs.max(1), (probs.argmax(1) == labels).astype(float)
+    prob_true, prob_pred = calibration_curve(correct, confidence, n_bins=15)
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 16)[1:-1], confidence), minlength=15)
+    return np.sum(counts[counts > 0] / len(labels) * np.abs(prob_true - prob_pred))
+
+
+def test_ham10000_calibration_and_operating_points_by_sex_age_and_site():
+    """The issue's first real use: HAM10000's sex, age and localization, every clinical
+    metric per subgroup against scikit-learn on the group's images, the gap to the whole
+    population, and the ECE's interval over resampled lesions computed here."""
+    validation, _ = _ham_predictions("validation")
+    test, meta = _ham_predictions("test")
+    entry = dict(
+        fit_on="validation",
+        calibration=True,
+        operating_points=dict(specificity=(0.9,), classes=("mel",)),
+        subgroups=("sex", "age", "localization"),
+    )
+    data = types.SimpleNamespace(config=types.SimpleNamespace(source=SOURCE), split="test")
+    clinical_metrics = clinical.ClinicalMetrics("test", entry, data, HAM_CLASSES)
+    base = functools.partial(classification_set, class_names=HAM_CLASSES)
+    samples, seed = 40, 5
+    output = clinical_metrics.evaluate(test, base, samples, seed, fit=validation)
+    rows = {
+        (m.name, m.tags.get("calibration"), m.tags.get("target"), m.tags.get("subgroup")): m
+        for m in output.metrics
+    }
+    temperature = rows[("temperature", "after_temperature", None, None)].value
+    assert temperature > 1.5  # the made-up model is over-confident
+    threshold = rows[("threshold/mel", None, "specificity=0.9", None)].value
+    val_probs = scipy.special.softmax(validation.logits, axis=1)[:, HAM_CLASSES.index("mel")]
+    fpr, tpr, thresholds = skm.roc_curve(validation.labels == 4, val_probs, drop_intermediate=False)
+    ok = np.flatnonzero(1 - fpr >= 0.9 - 1e-12)
+    assert threshold == thresholds[ok[np.lexsort((fpr[ok], -tpr[ok]))[0]]]
+    test_probs = scipy.special.softmax(test.logits, axis=1)
+    onehot = np.eye(7)[test.labels]
+    overall_ece = _ece_by_sklearn(test.logits, test.labels)
+    checked = set()
+    for column, value in [("sex", "female"), ("sex", "male"), ("age", "60-74"), ("age", "<30")]:
+        group = f"{column}={value}"
+        inside = np.array([str(meta[i][column]) for i in test.image_ids]) == value
+        if column == "age":
+            ages = np.array([float(meta[i]["age"] or "nan") for i in test.image_ids])
+            low, high = {"60-74": (60, 75), "<30": (-1, 30)}[value]
+            inside = (ages >= low) & (ages < high)
+        logits, labels = test.logits[inside], test.labels[inside]
+        ece = _ece_by_sklearn(logits, labels)
+        assert rows[("ece", "before_temperature", None, group)].value == pytest.approx(ece)
+        assert rows[("gap/ece", "before_temperature", None, group)].value == pytest.approx(
+            ece - overall_ece
+        )
+        after = _ece_by_sklearn(logits, labels, temperature)
+        assert rows[("ece", "after_temperature", None, group)].value == pytest.approx(after)
+        brier = skm.brier_score_loss(labels, test_probs[inside], labels=range(7))
+        assert rows[("brier", "before_temperature", None, group)].value == pytest.approx(brier)
+        assert np.sum((test_probs[inside] - onehot[inside]) ** 2, 1).mean() == pytest.approx(brier)
+        predicted = test_probs[inside, 4] >= threshold
+        sensitivity = rows[("sensitivity/mel", None, "specificity=0.9", group)]
+        assert sensitivity.value == pytest.approx(skm.recall_score(labels == 4, predicted))
+        assert sensitivity.info["threshold"] == threshold
+        checked.add(group)
+    assert len(checked) == 4
+    # The older patients' weaker logits show as a negative accuracy gap.
+    assert rows[("gap/accuracy", None, None, "age=60-74")].value < -0.2
+    # The women's ECE interval: the same lesion resamples, the ECE of the women's images
+    # (repeated as drawn) by calibration_curve.
+    women = np.flatnonzero([meta[i]["sex"] == "female" for i in test.image_ids])
+    index, num_cases = bootstrap.case_index(test.case_ids)
+    eces = []
+    for w in bootstrap.bootstrap_weights(index, num_cases, samples, seed):
+        rep = np.repeat(women, w[women].astype(int))
+        eces.append(_ece_by_sklearn(test.logits[rep], test.labels[rep]))
+    ece = rows[("ece", "before_temperature", None, "sex=female")]
+    np.testing.assert_allclose([ece.ci_low, ece.ci_high], np.percentile(eces, [2.5, 97.5]))
+    # Every site is a group; those with fewer than 30 lesions are reported by size only.
+    sites = [g for g in output.artifacts["subgroups"] if g["subgroup_by"] == "localization"]
+    assert sum(g["num_images"] for g in sites) == len(test)
+    for site in sites:
+        has_metrics = ("accuracy", None, None, site["subgroup"]) in rows
+        assert has_metrics == (not site["too_small"]) == (site["num_cases"] >= 30), site
+    assert {"localization=genital", "localization=back"} <= {g["subgroup"] for g in sites}

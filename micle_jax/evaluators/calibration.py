@@ -110,9 +110,13 @@ def sigmoid(logits: np.ndarray, temperature=1.0) -> np.ndarray:
 
 
 def binary_nll_terms(logits, targets, temperature=1.0) -> np.ndarray:
-    """Per-element -log p(target) of sigmoid(logits / temperature): softplus(z) - y z."""
+    """Per-element -log p(target) of sigmoid(logits / temperature): softplus(z) - y z.
+
+    A NaN temperature (a class without a fitted one) gives NaN terms, silently.
+    """
     z = np.asarray(logits, np.float64) / temperature
-    return np.logaddexp(0.0, z) - np.asarray(targets, np.float64) * z
+    with np.errstate(invalid="ignore"):
+        return np.logaddexp(0.0, z) - np.asarray(targets, np.float64) * z
 
 
 def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
