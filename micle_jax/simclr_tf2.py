@@ -292,10 +292,11 @@ def _group(tf_vars: dict[str, np.ndarray]):
         else:
             unknown.append(path)
     if unknown:
+        named = [f"{p} {tuple(np.shape(tf_vars[p]))}" for p in unknown[:3]]
         raise ValueError(
             f"{len(unknown)} variable(s) are not part of SimCLR's TF2 model (ResNet, projection "
-            f"head, supervised head), e.g. {unknown[:3]}; squeeze-excitation (se_ratio > 0) "
-            "and other variants are not supported"
+            f"head, supervised head), e.g. {', '.join(named)}, where the model expects none; "
+            "squeeze-excitation (se_ratio > 0) and other variants are not supported"
         )
     if not stem or not blocks:
         raise ValueError(

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from micle_jax import checkpoint, export, model_card, models, predict, recipes, rundir
 from micle_jax.data import records
+from micle_jax.task import TaskInfo
 from micle_jax.trainers import finetune
 
 # Every test but the unit ones needs the module's fine-tuning run (about 20 s on 2 CPU cores).
@@ -261,6 +262,7 @@ def test_cli_card_follows_init_chain_and_warns_non_commercial(run, exported, tmp
     shutil.copytree(run, workdir)
     config = rundir.read_config(workdir)
     config["init"]["checkpoint"] = os.path.join(pretrained, "checkpoints", "400")
+    config["data"]["label_fraction"] = 0.25  # the card reports the run's, not a default
     _write_json(os.path.join(workdir, rundir.CONFIG_FILE), config)
     out = str(tmp_path / "exports" / "model")
     proc = subprocess.run(
@@ -280,8 +282,10 @@ def test_cli_card_follows_init_chain_and_warns_non_commercial(run, exported, tmp
     assert weights["method"] == "imported" and weights["workdir"] == imported
     assert weights["imported_from"]["source"] == "gs://simclr/r50_1x"
     assert card["non_commercial"] and card["non_commercial_datasets"] == ["derm_nc"]
+    assert card["finetuning"]["label_fraction"] == 0.25
     with open(os.path.join(out, model_card.CARD_MARKDOWN)) as f:
         head = f.read().splitlines()
+    assert "- Label fraction: 0.25 of the training cases" in head
     assert "NON-COMMERCIAL USE ONLY" in head[2] and "derm_nc" in head[2]
     assert any("MICLe on derm_nc" in line and "400 steps of batch 64" in line for line in head)
     assert any("released weights imported from `gs://simclr/r50_1x`" in line for line in head)
@@ -311,6 +315,43 @@ def test_licences_of_the_demo_data():
     elsewhere = model_card.describe_data("records:/not/here/ham10000")
     assert elsewhere["non_commercial"] and elsewhere["note"]
     assert model_card.describe_data("tfds:imagenet2012")["license"] == "unknown"
+
+
+def _demo_card(workdir, finetune_on: str, evaluate_on: str) -> dict:
+    """The card of a classifier fine-tuned on one embedded demo dataset, evaluated on another."""
+    config = {
+        "batch_size": 8,
+        "total_steps": 3,
+        "model": {"depth": 18, "width": 0.25, "sk_ratio": 0.0, "proj_layers": 3},
+        "data": {"source": f"records:{REPO}/data/demo/{finetune_on}", "label_fraction": 0.1},
+        "evals": {"shift": {"data": {"source": f"records:{REPO}/data/demo/{evaluate_on}"}}},
+        "init": {"checkpoint": ""},
+    }
+    task = TaskInfo("multiclass", ["a", "b"], 32, finetune_on)
+    state = os.path.join(workdir, rundir.CHECKPOINT_DIR, "3", "state")
+    serving = {"signatures": export.SIGNATURES, "outputs": export.OUTPUTS, "platforms": ["cpu"]}
+    params = {"w": np.zeros((4, 2), np.float32)}
+    return model_card.build_card(
+        str(workdir), config, task, params, {"which": "final", "path": state, "step": 3}, serving
+    )
+
+
+def test_card_of_a_ham10000_classifier_says_non_commercial(tmp_path):
+    """Fine-tuned on HAM10000 (CC BY-NC 4.0): the card's first statement is the restriction."""
+    card = _demo_card(tmp_path, "ham10000", "kermany_cxr")
+    assert card["non_commercial"] and card["non_commercial_datasets"] == ["ham10000"]
+    licences = {d["used_for"]: d for d in card["licenses"]}
+    assert licences["fine-tuning"]["license"].startswith("CC BY-NC 4.0")
+    assert licences["evaluation"]["name"] == "kermany_cxr"
+    head = model_card.render_markdown(card).splitlines()
+    assert head[2].startswith("> **NON-COMMERCIAL USE ONLY") and "(ham10000)" in head[2]
+    # Evaluated on HAM10000 but trained on CC BY data: the weights carry no restriction,
+    # and the card still lists HAM10000's licence.
+    card = _demo_card(tmp_path, "kermany_cxr", "ham10000")
+    assert not card["non_commercial"]
+    assert "NON-COMMERCIAL USE ONLY" not in model_card.render_markdown(card)
+    evaluation = [d for d in card["licenses"] if d["used_for"] == "evaluation"]
+    assert [d["name"] for d in evaluation] == ["ham10000"] and evaluation[0]["non_commercial"]
 
 
 def _leftovers(folder) -> list[str]:

@@ -7,6 +7,7 @@ SavedModel and as a tf2/run.py training checkpoint, with the official
 model's outputs on 4 images.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from micle_jax import checkpoint, config_lib, import_weights, models, recipes, simclr_tf2
-from micle_jax.trainers import finetune, pretrain
+from micle_jax.trainers import feature_eval, finetune, pretrain
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT.parent / "shared" / "simclr-tf2-fixtures"
@@ -63,6 +64,11 @@ def test_import_infers_the_architecture_and_matches_the_official_outputs(fixture
 
 
 def test_saved_model_and_training_checkpoint_give_the_same_variables(fixtures):
+    # A tf2/run.py model_dir means its latest ckpt-N; the prefix itself is accepted too.
+    model_dir = fixtures / "r50x0.25_sk1" / "checkpoint"
+    prefix = str(model_dir / "ckpt-1")
+    assert simclr_tf2.find_checkpoint(str(model_dir)) == (prefix, "checkpoint")
+    assert simclr_tf2.find_checkpoint(prefix) == (prefix, "checkpoint")
     a = import_weights.load(str(fixtures / "r50x0.25_sk1" / "saved_model"))
     b = import_weights.load(str(fixtures / "r50x0.25_sk1" / "checkpoint"))
     flat_a, tree_a = jax.tree.flatten(a.variables)
@@ -108,9 +114,12 @@ def test_a_missing_or_reshaped_variable_is_named(fixtures):
         f"{conv} -> params/backbone/block_group2/block2/conv1/kernel: shape (3, 3, 32, 16), "
         "expected (3, 3, 32, 32)"
     ) in str(e.value)
-    extra = {**tf_vars, "model/resnet_model/se_layer/kernel": np.zeros(3, np.float32)}
-    with pytest.raises(ValueError, match="not part of SimCLR's TF2 model"):
+    extra = {**tf_vars, "model/resnet_model/se_layer/kernel": np.zeros((1, 1, 8, 2), np.float32)}
+    with pytest.raises(ValueError, match="not part of SimCLR's TF2 model") as e:
         import_weights.from_tf_variables(extra, "ckpt", fmt)
+    assert "model/resnet_model/se_layer/kernel (1, 1, 8, 2), where the model expects none" in (
+        str(e.value)
+    )
     # SimCLR v1 releases have no projection head: an empty one (proj_head_mode='none').
     headless = {k: v for k, v in tf_vars.items() if "_projection_head" not in k}
     assert import_weights.from_tf_variables(headless, "ckpt", fmt).arch.proj_layers == 0
@@ -133,6 +142,33 @@ def test_bad_sources_are_named(fixtures, tmp_path):
         import_weights.check_outputs(imported, str(tmp_path / "bad.npz"))
 
 
+def _perturbed_npz(src, dst, name: str, relative: float):
+    """A copy of an outputs.npz whose `name` is off by `relative` x its largest magnitude.
+
+    The offset goes to the smallest-magnitude entry, so max |theirs| is unchanged and
+    check_outputs' relative error of `name` becomes `relative` (plus the import's own ~1e-7).
+    """
+    with np.load(src) as npz:
+        data = {k: npz[k].copy() for k in npz.files}
+    x = data[name]
+    flat = x.reshape(-1)
+    flat[np.argmin(np.abs(flat))] += relative * np.max(np.abs(x))
+    np.savez(dst, **data)
+    return dst
+
+
+def test_check_error_is_relative_to_the_largest_official_value(fixtures, tmp_path):
+    src = fixtures / "r18x0.25_sk0"
+    imported = import_weights.load(str(src / "saved_model"))
+    npz = _perturbed_npz(src / "outputs.npz", tmp_path / "off.npz", "logits_sup", 2e-4)
+    errors = import_weights.check_outputs(imported, str(npz))
+    assert abs(errors["logits_sup"] - 2e-4) < 2e-6, errors
+    assert max(errors[k] for k in ("final_avg_pool", "proj_head_output")) < 1e-6, errors
+    # Another model's outputs (ResNet-50, 512 features) cannot be compared: named, not scored.
+    with pytest.raises(ValueError, match=r"final_avg_pool has shape \(4, 512\), the model gives"):
+        import_weights.check_outputs(imported, str(fixtures / "r50x0.25_sk1" / "outputs.npz"))
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "micle_jax.import_weights", *args],
@@ -143,30 +179,54 @@ def _cli(*args):
     )
 
 
+def _printed_errors(stdout: str) -> dict[str, float]:
+    """The CLI's 'Check against ...: final_avg_pool 2.0e-07, ...' line as {output: error}."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith("Check against ")]
+    items = line.split(": ", 1)[1].split(", ")
+    return {name: float(value) for name, value in (item.rsplit(" ", 1) for item in items)}
+
+
 @pytest.mark.slow
 def test_cli_writes_a_workdir_and_nothing_on_failure(fixtures, tmp_path):
     src = fixtures / "r18x0.25_sk0"
-    out = tmp_path / "imported"
-    # A check against another model's outputs fails: exit 1, nothing written.
-    bad = _cli(
-        f"--src={src / 'saved_model'}",
-        f"--workdir={out}",
-        f"--check={fixtures / 'r50x0.25_sk1' / 'outputs.npz'}",
-    )
+    npz_dir = tmp_path / "npz"
+    npz_dir.mkdir()
+    above = _perturbed_npz(src / "outputs.npz", npz_dir / "above.npz", "logits_sup", 2e-4)
+    below = _perturbed_npz(src / "outputs.npz", npz_dir / "below.npz", "logits_sup", 5e-5)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    out = runs / "imported"
+    # logits_sup 2e-4 off (relative): above --check's 1e-4, so exit 1 and nothing written.
+    bad = _cli(f"--src={src / 'saved_model'}", f"--workdir={out}", f"--check={above}")
     assert bad.returncode == 1
-    assert "micle_jax.import_weights: error:" in bad.stderr
-    assert os.listdir(tmp_path) == []
+    (error,) = [line for line in bad.stderr.splitlines() if "import_weights: error:" in line]
+    assert "differs from the official outputs: {'logits_sup': " in error
+    assert abs(_printed_errors(bad.stdout)["logits_sup"] - 2e-4) < 2e-6
+    assert os.listdir(runs) == []
+    # --arch that the variables contradict: exit 1, nothing written.
+    wrong = _cli(f"--src={src / 'saved_model'}", f"--workdir={out}", "--arch=r50x1")
+    assert wrong.returncode == 1
+    assert "--arch=r50x1 is ResNet-50 width 1 sk_ratio 0, but the checkpoint holds ResNet-18" in (
+        wrong.stderr
+    )
+    assert os.listdir(runs) == []
 
-    ok = _cli(f"--src={src / 'checkpoint'}", f"--workdir={out}", f"--check={src / 'outputs.npz'}")
+    # logits_sup 5e-5 off: below the limit; every output's error is printed as measured.
+    ok = _cli(
+        f"--src={src / 'checkpoint'}",
+        f"--workdir={out}",
+        f"--check={below}",
+        "--arch=r18_0.25x_sk0",
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
-    lines = ok.stdout.splitlines()
-    assert lines[1].startswith("ResNet-18 width 0.25, no selective kernels, CIFAR stem")
-    errors = dict(
-        item.rsplit(" ", 1) for item in lines[2].split(": ", 1)[1].split(", ")
-    )  # 'final_avg_pool 1.6e-07, ...'
+    assert ok.stdout.splitlines()[1].startswith(
+        "ResNet-18 width 0.25, no selective kernels, CIFAR stem"
+    )
+    errors = _printed_errors(ok.stdout)
     assert set(errors) == set(import_weights.CHECKED_OUTPUTS)
-    assert max(float(v) for v in errors.values()) < 1e-4
-    assert sorted(os.listdir(tmp_path)) == ["imported"]  # no temporary folder left
+    assert abs(errors.pop("logits_sup") - 5e-5) < 2e-6
+    assert max(errors.values()) < 1e-6
+    assert sorted(os.listdir(runs)) == ["imported"]  # no temporary folder left
 
     config = json.loads((out / "config.json").read_text())
     assert config["imported_from"]["simclr_name"] == "r18_0.25x_sk0"
@@ -197,7 +257,8 @@ def _frozen_lr(config):
 
 @pytest.mark.slow
 def test_trainers_start_from_an_imported_workdir(fixtures, tmp_path):
-    """Pre-training and fine-tuning (with the supervised head) take the imported weights."""
+    """Pre-training, fine-tuning (with the supervised head) and frozen-feature evaluation
+    take the imported weights."""
     src = fixtures / "r18x0.25_sk0" / "saved_model"
     imported = import_weights.load(str(src))
     with pytest.raises(ValueError, match="--image_size=0 must be a positive"):
@@ -208,6 +269,23 @@ def test_trainers_start_from_an_imported_workdir(fixtures, tmp_path):
         "image_size": 40
     }
     want = imported.variables["params"]
+
+    # Frozen features (trainers/feature_eval.py) use the backbone as imported, BatchNorm
+    # statistics included: nothing trains in between.
+    spec = importlib.util.spec_from_file_location(
+        "feature_eval_config", REPO_ROOT / "configs" / "feature_eval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(f"arch=r18x0.25,init={out},runlocal=True")
+    variables, _ = feature_eval.load_backbone(
+        models.build_model(config.model), config, config.data.image_size
+    )
+    for collection in ("params", "batch_stats"):
+        got = jax.tree.leaves(variables[collection]["backbone"])
+        ref = jax.tree.leaves(imported.variables[collection]["backbone"])
+        for x, y in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(x, y)
 
     config = recipes.medical_pretrain_config(f"arch=r18x0.25,init={out},runlocal=True", "micle")
     _frozen_lr(config)
