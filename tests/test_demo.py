@@ -16,7 +16,10 @@ from micle_jax.data import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HAM10000 = REPO / "data" / "demo" / "ham10000"
-SWEEP = "pretrain_steps=4,finetune_steps=4,fractions=0.5,finetune_fractions=0.5,lrs=0.4,batch=64"
+SWEEP = (
+    "pretrain_steps=4,finetune_steps=4,finetune_evals=1,fractions=0.5,finetune_fractions=0.5,"
+    "lrs=0.4,batch=64"
+)
 STEPS, BATCH = 4, 64
 
 

@@ -26,6 +26,7 @@ DEMO = dict(
     seeds=1,
     pretrain_steps=150,
     finetune_steps=120,
+    finetune_evals=3,
     fractions="0.01+0.1+1.0",
     finetune_fractions="0.1",
     lrs="0.1",

@@ -42,8 +42,9 @@ finetune_steps (100), fractions (0.01+0.1+1.0: the frozen-feature protocols'),
 finetune_fractions (0.1: the fine-tuning stage's; '0.01+0.1+1.0' triples
 that stage), lrs (base learning rates of the fine-tuning grid, x batch/256:
 0.1+0.4), finetune_datasets (ham10000: the paper's dermatology setting;
-'ham10000+kermany' adds 18 runs, about 15 minutes), batch (128 pre-training
-pairs).
+'ham10000+kermany' adds 18 runs, about 15 minutes), finetune_evals (3: how
+many validation evaluations each fine-tuning makes, which the best
+checkpoint is chosen from), batch (128 pre-training pairs).
 """
 
 from launch.sweep_spec import Stage, product, select
@@ -80,6 +81,7 @@ def get_sweep(arg=None) -> list[Stage]:
         fractions="0.01+0.1+1.0",
         finetune_fractions="0.1",
         finetune_datasets="ham10000",
+        finetune_evals=3,
         lrs="0.1+0.4",
         batch=128,
     )
@@ -157,7 +159,7 @@ def get_sweep(arg=None) -> list[Stage]:
                 "warmup_steps": max(1, a.finetune_steps // 15),
                 "log_every_steps": 10,
                 "checkpoint_every_steps": a.finetune_steps,
-                "evals.validation.every_steps": max(1, a.finetune_steps // 3),
+                "evals.validation.every_steps": max(1, a.finetune_steps // a.finetune_evals),
                 "select_best": f"validation/{DATASETS[dataset][2]}",
                 # Both datasets are imbalanced (HAM10000 67% 'nv', Kermany 74%
                 # pneumonia): an unweighted loss at 10% of the labels and a few
