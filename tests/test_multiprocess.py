@@ -3,9 +3,9 @@
 Training: with an in-memory source the data stream is global (every process
 holds the split and takes its slice of each global batch, augmentation keyed
 on the global example index: micle_jax/data/stream/batches.py), so 1 process
-x 4 devices and 2 x 2 train the same run: the same losses and parameters up
-to float32 reduction order, and a checkpoint of one topology resumes on the
-other. Evaluation has no randomness: two processes, each
+x 4 devices, 2 x 2 and 4 x 1 train the same run: the same losses and
+parameters up to float32 reduction order, and a checkpoint of one topology
+resumes on another. Evaluation has no randomness: two processes, each
 evaluating its share and gathering the predictions, write the results of one.
 """
 
@@ -80,24 +80,24 @@ def relative_distance(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_topologies_train_the_same_run_and_resume_each_other(tmp_path):
-    """1 x 4 devices and 2 processes x 2 pre-train the same 4 steps; 1 x 4 resumes 2 x 2.
+    """1 x 4 devices and 2 processes x 2 pre-train the same 4 steps; 4 x 1 resumes them.
 
-    The step-2 checkpoint of the 2-process run resumes in 1 process of 4
-    devices and ends where the uninterrupted runs did: it logs steps 3 and 4
-    only, with the same losses. (That 1 x 4, 2 x 2 and 4 x 1 read the same
-    global batches is tests/test_pipeline.py's
-    test_in_memory_streams_are_the_same_on_any_process_count.)
+    The step-2 checkpoint of the 1-process run resumes on 4 processes of 1
+    device and ends where the uninterrupted run did (the third topology; that
+    all three read the same global batches is tests/test_pipeline.py's
+    test_in_memory_streams_are_the_same_on_any_process_count).
     """
     one = run_one(tmp_path / "one", 4)
     two = launch_many(tmp_path / "two", 2, 2)
     assert "Process 1 of 2" in two[1]
     assert_same_run(tmp_path / "one", tmp_path / "two", one, two[0])
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "two", resumed)
+    shutil.copytree(tmp_path / "one", resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
-    out = run_one(resumed, 4)
+    outs = launch_many(resumed, 4, 1)
+    assert "Resumed from" in outs[0]
     after_resume = {k: v for k, v in logged_losses(one).items() if k > 2}
-    assert_same_losses(after_resume, logged_losses(out))
+    assert_same_losses(after_resume, logged_losses(outs[0]))
     assert_same_run(tmp_path / "one", resumed, tolerance=RESUME_TOLERANCE)
 
 
