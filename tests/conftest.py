@@ -43,16 +43,3 @@ def shared_data():
             pytrace=False,
         )
     return SHARED_DATA
-
-
-def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first, each module's tests in their order.
-
-    With `pytest -n 2` the long end-to-end tests then start at once, while
-    the many short tests fill the other worker, instead of one of them
-    starting last and running alone. Modules stay whole so that their
-    module-scoped fixtures are built once.
-    """
-    del config
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)

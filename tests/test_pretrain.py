@@ -391,7 +391,8 @@ def test_cli_smoke_run_simclr_imagenet_r50x1(tmp_path):
         "--config.checkpoint_every_steps=2",
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert rundir.read_status(str(tmp_path)) == {"status": "finished", "step": 2}
+    status = rundir.read_status(str(tmp_path))
+    assert (status["status"], status["step"]) == ("finished", 2), status
     # The checkpoint holds a ResNet-50 1x: 53 convolutions (the stem, 3 in each of the
     # 16 bottleneck blocks, 4 projection shortcuts), the widest with 2048 outputs.
     params = traverse_util.flatten_dict(checkpoint.load_variables(str(tmp_path))["params"])
