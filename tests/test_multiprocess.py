@@ -90,7 +90,10 @@ def test_topologies_train_the_same_run_and_resume_each_other(tmp_path):
     one = run_one(tmp_path / "one", 4)
     two = launch_many(tmp_path / "two", 2, 2)
     assert "Process 1 of 2" in two[1]
-    assert_same_run(tmp_path / "one", tmp_path / "two", one, two[0])
+    # On one CPU machine (session 7) these two ended 4.5e-3 apart, deterministically,
+    # where the previous one measured 2.8e-5: the reduction order is the CPU's.
+    # RESUME_TOLERANCE still fails per-process augmentation (0.31) and another seed (1.04).
+    assert_same_run(tmp_path / "one", tmp_path / "two", one, two[0], RESUME_TOLERANCE)
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "one", resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
