@@ -34,8 +34,25 @@ PROJECTION_HEAD = "projection_head"
 SHARED_PROJECTION_LAYERS = "projection_head/*"
 
 
+def _single_process_array_saving() -> None:
+    """With one process, jax.Arrays are saved without Orbax's replica-parallel slicing.
+
+    Replica-parallel saving has each replica of a replicated array write a
+    slice of it, which spreads a pod's checkpoint write over its hosts. With
+    one process every slice is written by that process anyway, and each
+    array's slice is a compiled computation: on 8 CPU devices the first save
+    of the tiny test network (196 arrays) took 5.0 s with it and 0.46 s
+    without. Several processes keep Orbax's default.
+    """
+    if jax.process_count() == 1:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
+
+
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     """An Orbax CheckpointManager over WORKDIR/checkpoints keeping the last `keep` steps."""
+    _single_process_array_saving()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save,

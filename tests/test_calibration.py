@@ -88,6 +88,24 @@ def test_reliability_and_ece_match_sklearn_calibration_curve(strategy):
     assert got == pytest.approx(want, abs=1e-12)
 
 
+def test_equal_mass_edges_are_the_percentiles_of_the_repeated_scores():
+    """EqualMassEdges sorts once; each call's integer weights give np.percentile's edges."""
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        n = int(rng.integers(1, 60))
+        scores = rng.random(n) if trial % 2 else np.round(rng.random(n), 1)  # ties
+        bins = int(rng.integers(2, 16))
+        edges = calibration.EqualMassEdges(scores, bins)
+        for _ in range(3):
+            weights = rng.integers(0, 4, n).astype(float)
+            repeated = np.repeat(scores, weights.astype(int))
+            if not repeated.size:
+                assert np.isnan(edges.edges(weights)).all()
+                continue
+            want = np.percentile(repeated, np.linspace(0, 100, bins + 1))
+            np.testing.assert_allclose(edges.edges(weights), want, rtol=0, atol=1e-12)
+
+
 def test_weighted_ece_equals_ece_of_the_repeated_images():
     """Bootstrap weights are image counts: ECE (both binnings) on the repeated images."""
     rng = np.random.default_rng(1)

@@ -126,6 +126,19 @@ def test_roc_auc_matches_sklearn_with_ties_and_weights():
     assert np.isnan(metrics.roc_auc(scores, np.ones(500)))  # no negative: undefined
 
 
+def test_one_weighted_auc_serves_every_bootstrap_sample():
+    """WeightedAuc sorts once; each call's weights (bootstrap counts, zeros) give sklearn's."""
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + targets, 1)
+    auc = metrics.WeightedAuc(scores, targets)
+    for _ in range(20):
+        w = rng.integers(0, 3, 300).astype(float)
+        assert auc(w) == pytest.approx(skm.roc_auc_score(targets, scores, sample_weight=w))
+    only_positives = np.where(targets == 1, 1.0, 0.0)
+    assert np.isnan(auc(only_positives))
+
+
 def test_multilabel_auc_masks_unknown_labels():
     rng = np.random.default_rng(3)
     targets = rng.integers(0, 2, (200, 3)).astype(np.float32)

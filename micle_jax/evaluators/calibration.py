@@ -48,16 +48,46 @@ def equal_width_edges(bins: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, bins + 1)
 
 
+class EqualMassEdges:
+    """Equal-mass bin edges of fixed scores for any integer weights, the sort done once.
+
+    `edges(weights)` is np.percentile(np.repeat(scores, weights), linspace(0, 100,
+    bins + 1)) (linear interpolation): calibration_curve's strategy='quantile'
+    on the resampled images, without building the repeated array.
+
+    Args:
+      scores: [n]; bins: how many bins.
+    """
+
+    def __init__(self, scores: np.ndarray, bins: int):
+        scores = np.asarray(scores, np.float64)
+        self.order = np.argsort(scores, kind="mergesort")
+        self.sorted = scores[self.order]
+        self.quantiles = np.linspace(0.0, 1.0, bins + 1)
+
+    def edges(self, weights: np.ndarray) -> np.ndarray:
+        """[bins + 1] edges (NaN if every weight is 0); weights are rounded to integers."""
+        cum = np.cumsum(np.rint(np.asarray(weights)[self.order]).astype(np.int64))
+        total = int(cum[-1]) if cum.size else 0
+        if total <= 0:
+            return np.full(len(self.quantiles), np.nan)
+        position = self.quantiles * (total - 1)  # into the sorted repeated scores
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, total - 1)
+        t = position - low
+        a = self.sorted[np.searchsorted(cum, low, side="right")]
+        b = self.sorted[np.searchsorted(cum, high, side="right")]
+        # numpy's interpolation (np.lib's _lerp): from the nearer end.
+        return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+
+
 def equal_mass_edges(scores: np.ndarray, weights: np.ndarray, bins: int) -> np.ndarray:
     """[bins + 1] edges at the weighted scores' quantiles (NaN if every weight is 0).
 
     np.percentile of the scores repeated `weights` times: calibration_curve's
-    strategy='quantile' on the resampled images.
+    strategy='quantile' on the resampled images (EqualMassEdges).
     """
-    repeated = np.repeat(scores, np.rint(weights).astype(np.int64))
-    if not repeated.size:
-        return np.full(bins + 1, np.nan)
-    return np.percentile(repeated, np.linspace(0, 1, bins + 1) * 100)
+    return EqualMassEdges(scores, bins).edges(weights)
 
 
 def bin_index(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -199,6 +229,7 @@ def _problem_set(pred: Predictions, temperature, bins: int, tag: str, class_name
     valid = ~np.isnan(scores).any(axis=0)
     width = equal_width_edges(bins)
     width_bins = [bin_index(scores[:, j], width) for j in range(k)]
+    mass = [EqualMassEdges(scores[:, j], bins) for j in range(k)]
 
     def compute(w: np.ndarray) -> np.ndarray:
         values = np.full((len(_METRICS), k), np.nan)
@@ -209,7 +240,7 @@ def _problem_set(pred: Predictions, temperature, bins: int, tag: str, class_name
                 continue
             gaps = np.bincount(width_bins[j], wj * (outcomes[:, j] - scores[:, j]), minlength=bins)
             values[0, j] = np.abs(gaps).sum() / total
-            edges = equal_mass_edges(scores[:, j], wj, bins)
+            edges = mass[j].edges(wj)
             values[1, j] = expected_calibration_error(scores[:, j], outcomes[:, j], wj, edges)
             values[2, j] = np.dot(wj, brier[:, j]) / total
             values[3, j] = np.dot(wj, nll[:, j]) / total

@@ -51,6 +51,7 @@ def classification_set(
         metrics.topk_correct(logits, labels, k) for k in ks
     ]
     probs = metrics.softmax(logits)
+    aucs_of = [metrics.WeightedAuc(probs[:, c], labels == c) for c in range(num_classes)]
 
     def compute(w: np.ndarray) -> np.ndarray:
         w = w * base_w
@@ -58,7 +59,7 @@ def classification_set(
         accs = [np.sum(w * c) / total if total > 0 else np.nan for c in correct]
         per_class = metrics.per_class_accuracy(logits, labels, w)  # NaN: a class without images
         balanced = np.nanmean(per_class) if not np.all(np.isnan(per_class)) else np.nan
-        aucs = [metrics.roc_auc(probs[:, c], labels == c, w) for c in range(num_classes)]
+        aucs = [auc(w) for auc in aucs_of]
         auc_mean = np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan
         return np.concatenate([accs, [balanced, auc_mean], per_class])
 

@@ -38,8 +38,14 @@ def multilabel_set(pred: Predictions, class_names: Sequence[str]) -> MetricSet:
     if len(class_names) != logits.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {logits.shape[1]} logits")
 
+    known = np.asarray(pred.weights) > 0  # [n, C]: the labels that count
+    aucs_of = [
+        metrics.WeightedAuc(logits[:, c], np.asarray(pred.labels)[:, c])
+        for c in range(logits.shape[1])
+    ]
+
     def compute(w: np.ndarray) -> np.ndarray:
-        aucs = metrics.multilabel_auc(logits, pred.labels, pred.weights, w)
+        aucs = np.array([auc(w * known[:, c]) for c, auc in enumerate(aucs_of)])
         mean = np.nanmean(aucs) if np.any(~np.isnan(aucs)) else np.nan
         return np.append(aucs, mean)
 
