@@ -3,7 +3,7 @@
 Training: with an in-memory source the data stream is global (every process
 holds the split and takes its slice of each global batch, augmentation keyed
 on the global example index: micle_jax/data/stream/batches.py), so 1 process
-x 4 devices, 2 x 2 and 4 x 1 train the same run: the same losses and
+x 4 devices, 2 x 2 and 2 x 1 train the same run: the same losses and
 parameters up to float32 reduction order, and a checkpoint of one topology
 resumes on another. Evaluation has no randomness: two processes, each
 evaluating its share and gathering the predictions, write the results of one.
@@ -80,11 +80,12 @@ def relative_distance(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_topologies_train_the_same_run_and_resume_each_other(tmp_path):
-    """1 x 4 devices and 2 processes x 2 pre-train the same 4 steps; 4 x 1 resumes them.
+    """1 x 4 devices and 2 processes x 2 pre-train the same 4 steps; 2 x 1 resumes them.
 
-    The step-2 checkpoint of the 1-process run resumes on 4 processes of 1
-    device and ends where the uninterrupted run did (the third topology; that
-    all three read the same global batches is tests/test_pipeline.py's
+    The step-2 checkpoint of the 1-process run resumes on 2 processes of 1
+    device, half the devices it was written on, and ends where the
+    uninterrupted run did (the third topology; that every topology reads the
+    same global batches is tests/test_pipeline.py's
     test_in_memory_streams_are_the_same_on_any_process_count).
     """
     one = run_one(tmp_path / "one", 4)
@@ -97,7 +98,7 @@ def test_topologies_train_the_same_run_and_resume_each_other(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "one", resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
-    outs = launch_many(resumed, 4, 1)
+    outs = launch_many(resumed, 2, 1)
     assert "Resumed from" in outs[0]
     after_resume = {k: v for k, v in logged_losses(one).items() if k > 2}
     assert_same_losses(after_resume, logged_losses(outs[0]))
@@ -108,22 +109,23 @@ def test_topologies_train_the_same_run_and_resume_each_other(tmp_path):
 def test_topologies_fine_tune_and_evaluate_the_same(tmp_path):
     """Fine-tuning (supervised stream, evaluations) on 1 x 4 and 2 x 2: the same run.
 
-    Evaluating its checkpoint on 2 processes (each its share, predictions
-    gathered) writes the results of 1 process: the same values and the same
-    (seeded) bootstrap intervals.
+    Evaluating its final checkpoint on 2 processes (each its share, predictions
+    gathered) writes the results that 1 process wrote for it at the end of
+    training: the same values and the same (seeded) bootstrap intervals.
     """
     one = run_one(tmp_path / "one", 4, config=FINETUNE)
     two = launch_many(tmp_path / "two", 2, 2, config=FINETUNE)
     assert_same_run(tmp_path / "one", tmp_path / "two", one, two[0])
     evaluate = ("--mode=eval", f"--checkpoint={tmp_path / 'one'}")
-    run_one(tmp_path / "eval_one", 4, evaluate, FINETUNE)
     launch_many(tmp_path / "eval_two", 2, 2, evaluate, FINETUNE)
 
-    def rows(name):
+    def rows(name, evals=("validation", "test")):
         with open(tmp_path / name / "results.json") as f:
-            return sorted(json.load(f)["results"], key=lambda r: (r["split"], r["metric"]))
+            found = json.load(f)["results"]
+        found = [r for r in found if r["checkpoint"] == "final" and r["eval"] in evals]
+        return sorted(found, key=lambda r: (r["split"], r["metric"]))
 
-    a, b = rows("eval_one"), rows("eval_two")
+    a, b = rows("one"), rows("eval_two")
     assert {r["split"] for r in a} == {"validation", "test"}
     assert [(r["split"], r["metric"]) for r in a] == [(r["split"], r["metric"]) for r in b]
     for x, y in zip(a, b, strict=True):

@@ -24,7 +24,9 @@ TIMEOUT = 10  # --heartbeat_timeout_seconds of the test runs
 # it (SIGABRT) between 15 and 30 s after the kill; with no timeouts passed
 # at all, after 100 s or never.
 EXIT_BOUND = TIMEOUT + 8
-STEPS = 24
+# A checkpoint every 2 steps: the kill comes during the save of step 4 at the earliest,
+# and the rerun trains what is left of the 10 steps.
+STEPS = 10
 CONFIG = f"--config=tests/fixtures/tiny_pretrain.py:steps={STEPS}"  # a checkpoint every 2 steps
 EXTRA = (f"--heartbeat_timeout_seconds={TIMEOUT}", "--config.log_every_steps=1")
 UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax's suffix of a checkpoint folder being written
