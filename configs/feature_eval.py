@@ -24,6 +24,20 @@ k in 5, 10, 20, 50; at most 300 L-BFGS iterations
 on standardised features (evaluators/linear_probe.py) with class-balanced
 weights (scikit-learn's class_weight='balanced': HAM10000 is 67% 'nv', and
 balanced accuracy is what chooses and what is reported).
+
+The test rows also report, as the fine-tuning configs' test evals do,
+calibration (ECE, adaptive ECE, Brier, NLL, before and after a temperature
+fitted on the validation split's scores of the chosen L2 or k) and operating
+points (thresholds chosen on validation for 90% / 95% specificity and
+sensitivity, then sensitivity, specificity, PPV and NPV on test):
+config.clinical, micle_jax/evaluators/clinical.py. Subgroups (every metric
+by metadata column, e.g. HAM10000's sex, age band, site) are off by default
+here: each of the 6 evaluations of a run (2 protocols x 3 fractions)
+bootstraps every metric of every subgroup, about 16 s more per evaluation for
+HAM10000's 28 groups on a 2-core CPU (a run at one label fraction: 118 s
+against 80 s, results.json 4.5 MB against 0.14 MB), which would push
+`make demo` past its 10 minutes; turn them on with
+--config.clinical.subgroups=auto for a final evaluation.
 """
 
 import ml_collections
@@ -34,6 +48,9 @@ DEMO_RECORDS = "data/demo/ham10000"
 # SimCLR appendix B.8: 45 logarithmically spaced values from 1e-6 to 1e5
 # (quarter decades), wider than this config's earlier 1e-5..1.
 L2_GRID = tuple(10.0 ** (k / 4) for k in range(-24, 21))
+# The test rows' clinical metrics (micle_jax/evaluators/clinical.py), as the
+# fine-tuning configs' CLINICAL, subgroups off (module docstring).
+CLINICAL = dict(fit_on="validation", calibration=True, operating_points=True, subgroups="")
 
 
 def get_config(arg=None):
@@ -61,6 +78,7 @@ def get_config(arg=None):
     config.select_metric = arg.select
     config.linear = ml_collections.ConfigDict(dict(l2_grid=L2_GRID, steps=300, balanced=True))
     config.knn = ml_collections.ConfigDict(dict(k_grid=(5, 10, 20, 50), temperature=0.07))
+    config.clinical = ml_collections.ConfigDict(CLINICAL)
     config.eval_batch_size = 512
     config.batch_size = 512
     config.bootstrap_samples = 1000

@@ -671,3 +671,71 @@ def test_command_line_dicom_dir(tmp_path, hannover):
     for source in hannover[:2]:
         expected = source["pixels"][:64, :64].astype(np.uint16) * 257
         np.testing.assert_array_equal(written[_image_id(source, key)][0][..., 0], expected)
+
+
+def _files(root):
+    """{relative path: bytes} of every file under `root`."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = f.read()
+    return found
+
+
+@pytest.mark.slow
+def test_deidentify_reads_the_headers_and_writes_only_the_report(tmp_path, hannover, capsys):
+    """--deidentify: the report a conversion would write, the burned-in files printed, no
+    records (even with --out given); '-' writes the report to stdout."""
+    flags = ["YES", None, "NO"]  # None: the tag is absent
+    for i, (source, flag) in enumerate(zip(hannover, flags, strict=True)):
+        tags = dict(_tags(source), BurnedInAnnotation=flag)
+        _write_dicom(
+            str(tmp_path / "in" / f"IM{i}"), source["pixels"][:32, :32], bits_stored=8, **tags
+        )
+    (tmp_path / "cxr.key").write_bytes(KEY + b"\n")
+    meta_tags = ["PatientSex", "InstitutionName"]
+    before = _files(tmp_path)
+    command = [sys.executable, "-m", "micle_jax.data.convert", f"--dicom_dir={tmp_path / 'in'}"]
+    command += [f"--key_file={tmp_path / 'cxr.key'}", f"--meta_tags={','.join(meta_tags)}"]
+    command += [f"--out={tmp_path / 'out'}", f"--deidentify={tmp_path / 'review.json'}"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "read 23 tags of 3 files" in done.stdout, done.stdout
+    assert "hashed with the key: PatientID, SOPInstanceUID (ids: HMAC-SHA256(key, value)" in (
+        done.stdout
+    )
+    assert "stored in clear (image/meta): PatientSex, InstitutionName" in done.stdout
+    assert "BurnedInAnnotation: YES in 1 image(s) (kept: check them), absent in 1" in done.stdout
+    assert f"    {tmp_path / 'in' / 'IM0'}\n" in done.stdout
+    review = (tmp_path / "review.json").read_text()
+    after = _files(tmp_path)
+    assert after.pop("review.json") == review.encode()
+    assert after == before  # no records, no --out folder, the inputs untouched
+    # The report is the one the conversion of the same files with the same key writes.
+    _convert(tmp_path / "in", tmp_path / "out", meta_tags=meta_tags)
+    assert (tmp_path / "out" / deidentify.REPORT_FILE).read_text() == review
+    report = json.loads(review)
+    assert report["burned_in"] == [_image_id(hannover[0])] and report["burned_in_unknown"] == 1
+    assert report["id_hash"] == "HMAC-SHA256(key, value), its first 16 hex digits"
+    # '-': the report to stdout, the summary to stderr.
+    capsys.readouterr()
+    plan = cases_from_dicom_dir(str(tmp_path / "in"), DicomSource(KEY, meta_tags=meta_tags))
+    deidentify.review(plan.deidentify, plan.problems, "-")
+    printed = capsys.readouterr()
+    assert printed.out == review
+    assert "BurnedInAnnotation: YES in 1 image(s)" in printed.err
+
+
+@pytest.mark.slow
+def test_deidentify_of_input_that_is_not_dicom_is_an_error(tmp_path):
+    (tmp_path / "labels.csv").write_text("patient,file\np1,a.png\n")
+    command = [sys.executable, "-m", "micle_jax.data.convert", f"--csv={tmp_path / 'labels.csv'}"]
+    command += ["--case_column=patient", "--image_column=file", "--deidentify=-"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "error: ['deidentify'] are for DICOM input (--dicom_dir, or --csv --dicom)" in (
+        done.stderr
+    ), done.stderr
+    assert done.stdout == "" and sorted(os.listdir(tmp_path)) == ["labels.csv"]

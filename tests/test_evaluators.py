@@ -13,14 +13,15 @@ from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 
 from micle_jax import config_lib, evaluators, report_plots
-from micle_jax.evaluators import bootstrap, metrics, subgroups
+from micle_jax.evaluators import bootstrap, calibration, metrics, subgroups
 from micle_jax.evaluators.classification import ClassificationEvaluator, classification_metrics
 from micle_jax.evaluators.clinical import check_fit_on
 from micle_jax.evaluators.eval_data import Context
-from micle_jax.evaluators.knn import knn_scores
+from micle_jax.evaluators.knn import knn_scores, vote_log_shares
 from micle_jax.evaluators.labels import LabelMap
 from micle_jax.evaluators.linear_probe import fit_linear_probe
 from micle_jax.evaluators.multilabel import multilabel_metrics
+from micle_jax.evaluators.outputs import Predictions
 from micle_jax.task import TaskInfo
 
 
@@ -404,10 +405,30 @@ def test_balanced_accuracy_and_auc_mean_bootstrap_resample_cases():
         assert m.ci_low < m.value < m.ci_high, m
 
 
+def test_knn_probabilities_keep_a_confidently_wrong_image_finite():
+    """At k=5 most test images have a class without a vote: its probability is not 0, so
+    one confidently wrong image costs a bounded NLL and temperature scaling stays near 1.
+
+    With log(1e-30) for a class without votes (the earlier floor) this problem's NLL
+    was 1.585 and its fitted temperature 15.8; with the pseudo-neighbour 0.352 and 0.686.
+    """
+    rng = np.random.default_rng(12)
+    centers = rng.normal(size=(3, 16))
+    y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 300)
+    x_train = centers[y_train] + 1.5 * rng.normal(size=(200, 16))
+    x_test = centers[y_test] + 1.5 * rng.normal(size=(300, 16))
+    votes = knn_scores(x_train, y_train, x_test, 3, k=5, temperature=0.07)
+    assert (votes.min(axis=1) == 0).sum() > 250  # the case the smoothing is for
+    logits = vote_log_shares(votes, 5)
+    ids = np.arange(300).astype(str).astype(object)
+    pred = Predictions(logits, y_test, np.ones(300), ids, ids, "multiclass")
+    nll = -calibration.log_softmax(logits)[np.arange(300), y_test].mean()
+    assert nll < 0.5, nll
+    assert 0.5 < calibration.fit_temperatures(pred)[0] < 2.0
+
+
 def test_knn_auc_mean_is_that_of_the_vote_shares():
     """The k-NN's class probabilities are its vote shares; raw votes would be one-hot."""
-    from micle_jax.evaluators.knn import vote_log_shares
-
     rng = np.random.default_rng(12)
     centers = rng.normal(size=(3, 16))
     y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 100)
@@ -415,8 +436,11 @@ def test_knn_auc_mean_is_that_of_the_vote_shares():
     x_test = centers[y_test] + 1.5 * rng.normal(size=(100, 16))
     votes = knn_scores(x_train, y_train, x_test, 3, k=20, temperature=0.07)
     shares = votes / votes.sum(axis=1, keepdims=True)
-    logits = vote_log_shares(votes)
-    np.testing.assert_allclose(_softmax(logits), shares, rtol=1e-5, atol=1e-12)
+    logits = vote_log_shares(votes, 20)
+    # The shares with a 21st neighbour voting 1/3 for each class (its weight the mean).
+    smoothed = (shares + 1 / 60) / (1 + 1 / 20)
+    np.testing.assert_allclose(_softmax(logits), smoothed, rtol=1e-5, atol=1e-12)
+    assert _softmax(logits).min() >= 1 / 63 * (1 - 1e-6)  # no class has probability 0
     np.testing.assert_array_equal(logits.argmax(1), votes.argmax(1))
     out = classification_metrics(
         logits, y_test, np.arange(100), ["a", "b", "c"], topk=(), bootstrap_samples=0

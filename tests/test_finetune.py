@@ -12,8 +12,10 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+import scipy.special
 import tensorflow as tf
 from flax import traverse_util
+from sklearn import calibration as skc
 from sklearn import metrics as skm
 
 from micle_jax import checkpoint, config_lib, models, predict, recipes, rundir
@@ -138,22 +140,44 @@ def flat(tree):
     return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
 
 
+def canonical(rows):
+    """results.json rows as sorted JSON lines: comparable with NaN (a fitted value's CI)."""
+    return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+def sklearn_ece(logits, labels, temperature=1.0):
+    """15-bin ECE of the top-1 confidence of softmax(logits / T): calibration_curve's bins,
+    weighted by their images."""
+    probs = scipy.special.softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+    confidence, correct = probs.max(1), (probs.argmax(1) == labels).astype(float)
+    prob_true, prob_pred = skc.calibration_curve(correct, confidence, n_bins=15)
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 16)[1:-1], confidence), minlength=15)
+    return np.sum(counts[counts > 0] / len(labels) * np.abs(prob_true - prob_pred))
+
+
 def own_logits(workdir, data, split="test") -> dict[str, np.ndarray]:
     """{image_id: logits [classes]} of a run's final checkpoint on a split, without the
     evaluators: the pipeline's eval-mode images through model.apply, padding dropped."""
+    return own_logits_of_splits(workdir, data, (split,))[split]
+
+
+def own_logits_of_splits(workdir, data, splits) -> dict[str, dict[str, np.ndarray]]:
+    """{split: own_logits of the split} for several splits, the checkpoint loaded once."""
     model, variables, _, _ = predict.load_run(workdir)
     variables = jax.device_get(variables)
-    data = data.copy_and_resolve_references()
-    with data.unlocked():
-        data.split = split
-    logits = {}
-    batches = pipeline.open_data(data, seed=0).dataset("eval", 16)
-    for batch in batches.as_numpy_iterator():
-        out = np.asarray(model.apply(variables, batch["image"], train=False)["logits"])
-        for image_id, row, keep in zip(batch["image_id"], out, batch["mask"], strict=True):
-            if keep:
-                logits[image_id.decode()] = row
-    return logits
+    found = {}
+    for split in splits:
+        split_data = data.copy_and_resolve_references()
+        with split_data.unlocked():
+            split_data.split = split
+        logits = found[split] = {}
+        batches = pipeline.open_data(split_data, seed=0).dataset("eval", 16)
+        for batch in batches.as_numpy_iterator():
+            out = np.asarray(model.apply(variables, batch["image"], train=False)["logits"])
+            for image_id, row, keep in zip(batch["image_id"], out, batch["mask"], strict=True):
+                if keep:
+                    logits[image_id.decode()] = row
+    return found
 
 
 def test_trainable_mask_freezes_stages_and_unused_projection_layers():
@@ -215,12 +239,19 @@ def test_linear_eval_multiclass_end_to_end(pretrained, tmp_path):
             "optim.base_lr": 0.05,
         },
     )
+    with config.unlocked():  # the clinical fields of configs/finetune_*.py (no metadata here)
+        config.evals.test.update(
+            fit_on="validation",
+            calibration=True,
+            operating_points=dict(specificity=(0.9,), sensitivity=(0.9,)),
+        )
     final = finetune.main(config, workdir)
     # The test accuracy is sklearn's on the final model's own predictions and the
     # synthetic test labels (make_table, not the pipeline's).
     table = synthetic.make_table("test", 48, 3, 24, 2)
     labels = dict(zip(table.image_ids.astype(str), table.label_class, strict=True))
-    logits = own_logits(workdir, config.data)
+    own = own_logits_of_splits(workdir, config.data, ("test", "validation"))
+    logits = own["test"]
     assert sorted(logits) == sorted(labels)
     ids = sorted(labels)
     predicted = [int(np.argmax(logits[i])) for i in ids]
@@ -257,9 +288,15 @@ def test_linear_eval_multiclass_end_to_end(pretrained, tmp_path):
             assert row["metric"] == "first_logged_loss" and "ci_low" not in row, row
             continue
         assert RESULT_KEYS <= set(row)
-        assert row["ci_low"] <= row["value"] <= row["ci_high"], row
+        if not {"calibration", "target"} & set(row):  # (an ECE's interval can sit above it)
+            assert row["ci_low"] <= row["value"] <= row["ci_high"], row
     test_final = {
-        r["metric"]: r for r in rows if r["eval"] == "test" and r["checkpoint"] == "final"
+        r["metric"]: r
+        for r in rows
+        if r["eval"] == "test"
+        and r["checkpoint"] == "final"
+        and "calibration" not in r
+        and "target" not in r
     }
     assert test_final["accuracy"]["split"] == "test" and test_final["accuracy"]["step"] == 4
     assert {"accuracy", "per_class_accuracy/class_0"} <= set(test_final)
@@ -270,10 +307,53 @@ def test_linear_eval_multiclass_end_to_end(pretrained, tmp_path):
     assert matrix.shape == (3, 3) and matrix.sum() == num_test
     assert os.path.isdir(rundir.best_dir(workdir))
 
+    # The test eval's clinical rows, from the final model's own logits by scikit-learn: the
+    # temperature minimises the validation NLL, the test ECE after it is calibration_curve's,
+    # each threshold is the validation ROC point of its target.
+    val_table = synthetic.make_table("validation", 48, 3, 24, 2)
+    val_labels = dict(zip(val_table.image_ids.astype(str), val_table.label_class, strict=True))
+    val_logits = own["validation"]
+    val_ids = sorted(val_labels)
+    val_x = np.array([val_logits[i] for i in val_ids], np.float64)
+    val_y = np.array([val_labels[i] for i in val_ids])
+    test_x = np.array([logits[i] for i in ids], np.float64)
+    test_y = np.array([labels[i] for i in ids])
+    clinical = {
+        (r["metric"], r.get("calibration"), r.get("target")): r
+        for r in rows
+        if r["eval"] == "test" and r["checkpoint"] == "final"
+    }
+    temperature = clinical[("temperature", "after_temperature", None)]["value"]
+
+    def nll(t):
+        logp = scipy.special.log_softmax(val_x / t, axis=1)
+        return -np.mean(logp[np.arange(len(val_y)), val_y])
+
+    assert nll(temperature) <= min(nll(t) for t in np.geomspace(0.05, 20, 2001)) + 1e-6
+    for tag, t in (("before_temperature", 1.0), ("after_temperature", temperature)):
+        ece = clinical[("ece", tag, None)]["value"]
+        assert ece == pytest.approx(sklearn_ece(test_x, test_y, t), abs=1e-5), tag
+    val_probs = scipy.special.softmax(val_x, axis=1)
+    test_probs = scipy.special.softmax(test_x, axis=1)
+    for c in range(3):
+        fpr, tpr, thresholds = skm.roc_curve(val_y == c, val_probs[:, c], drop_intermediate=False)
+        ok = np.flatnonzero(1 - fpr >= 0.9 - 1e-12)  # the most sensitive, then most specific
+        at_spec = thresholds[ok[np.lexsort((fpr[ok], -tpr[ok]))[0]]]
+        ok = np.flatnonzero(tpr >= 0.9 - 1e-12)  # the most specific, then most sensitive
+        at_sens = thresholds[ok[np.lexsort((-tpr[ok], fpr[ok]))[0]]]
+        for target, want in (("specificity=0.9", at_spec), ("sensitivity=0.9", at_sens)):
+            got = clinical[(f"threshold/class_{c}", None, target)]
+            assert got["value"] == pytest.approx(want, rel=1e-5) and got["fit_on"] == "validation"
+            predicted = test_probs[:, c] >= got["value"]
+            sensitivity = clinical[(f"sensitivity/class_{c}", None, target)]["value"]
+            assert sensitivity == pytest.approx(skm.recall_score(test_y == c, predicted))
+    plots = {"reliability_test_best.png", "reliability_test_final.png"}
+    assert set(os.listdir(os.path.join(workdir, "plots"))) == plots
+
     # Rerunning a finished run resumes at its last step, keeps its best
     # checkpoint (read back from WORKDIR/best) and writes the same results.
     assert finetune.main(config, workdir) == final
-    assert read_results(workdir)["results"] == rows
+    assert canonical(read_results(workdir)["results"]) == canonical(rows)
 
     # --mode=eval on the final checkpoint reproduces the run's final numbers.
     eval_dir = str(tmp_path / "eval_final")
@@ -281,13 +361,14 @@ def test_linear_eval_multiclass_end_to_end(pretrained, tmp_path):
     again = read_results(eval_dir)["results"]
     # (Evaluation alone has no training loss: the 'train' row is the run's.)
     expected = [r for r in rows if r["checkpoint"] == "final" and r["eval"] != "train"]
-    assert sorted(again, key=str) == sorted(expected, key=str)
+    assert canonical(again) == canonical(expected)
+    assert os.listdir(os.path.join(eval_dir, "plots")) == ["reliability_test_final.png"]
     # ... and on the best checkpoint, the run's best numbers.
     best_dir = str(tmp_path / "eval_best")
     evaluate.evaluate_checkpoint(config, best_dir, rundir.best_dir(workdir))
     again = read_results(best_dir)["results"]
     expected = [r for r in rows if r["checkpoint"] == "best"]
-    assert sorted(again, key=str) == sorted(expected, key=str)
+    assert canonical(again) == canonical(expected)
 
     # Nothing is overwritten: evaluating into a workdir with results is an error.
     before_bytes = open(os.path.join(eval_dir, "results.json"), "rb").read()

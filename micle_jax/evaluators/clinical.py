@@ -55,10 +55,20 @@ class ClinicalMetrics:
       entry: its config entry (EXTRA_FIELDS; all off when absent).
       data: its EvalData (source and split, for the subgroups' metadata).
       class_names: the model's classes.
+      field: the config field of `entry`, for messages (default 'config.evals.<name>';
+        the feature evaluation's is 'config.clinical').
     """
 
-    def __init__(self, name: str, entry: Mapping, data, class_names: Sequence[str]):
+    def __init__(
+        self,
+        name: str,
+        entry: Mapping,
+        data,
+        class_names: Sequence[str],
+        field: str | None = None,
+    ):
         self.name = name
+        field = field or f"config.evals.{name}"
         self.fit_on = str(entry.get("fit_on") or "")
         self.class_names = list(class_names)
         spec = entry.get("calibration")
@@ -66,20 +76,20 @@ class ClinicalMetrics:
             unknown = sorted(set(spec) - {"bins"})
             if unknown:
                 raise ValueError(
-                    f"config.evals.{name}.calibration has unknown field(s) {unknown}; accepted: "
+                    f"{field}.calibration has unknown field(s) {unknown}; accepted: "
                     "True, False or dict(bins=15)"
                 )
             self.bins = int(spec.get("bins", calibration.DEFAULT_BINS))
         else:
             self.bins = calibration.DEFAULT_BINS if spec else 0
         if spec and self.bins < 2:
-            raise ValueError(f"config.evals.{name}.calibration: bins={self.bins} must be >= 2")
+            raise ValueError(f"{field}.calibration: bins={self.bins} must be >= 2")
         self.targets, self.target_classes = operating_points.parse(
-            name, entry.get("operating_points"), self.class_names
+            name, entry.get("operating_points"), self.class_names, field
         )
         if self.targets and not self.fit_on:
             raise ValueError(
-                f"config.evals.{name}.operating_points needs fit_on: the name of the eval whose "
+                f"{field}.operating_points needs fit_on: the name of the eval whose "
                 "predictions choose the thresholds (e.g. fit_on='validation'); thresholds chosen "
                 "on the evaluated data itself would flatter it"
             )
@@ -87,7 +97,7 @@ class ClinicalMetrics:
         spec = entry.get("subgroups")
         if spec:
             meta = subgroups.read_image_meta(data.config.source, data.split)
-            self.subgroups = subgroups.Subgroups(name, spec, meta, str(data.config.source))
+            self.subgroups = subgroups.Subgroups(name, spec, meta, str(data.config.source), field)
 
     def evaluate(
         self,

@@ -69,18 +69,26 @@ def knn_scores(
     return votes
 
 
-def vote_log_shares(votes: np.ndarray) -> np.ndarray:
-    """Log of each class's share of the votes: [n, C] totals -> [n, C] float32.
+def vote_log_shares(votes: np.ndarray, k: int) -> np.ndarray:
+    """Log class probabilities of k-NN votes: [n, C] totals of k neighbours -> [n, C] float32.
 
-    What the metrics should see of a k-NN as logits: their softmax gives back
-    the vote shares (the k-NN's class probabilities) and their argmax is the
-    votes'. Raw votes (each up to exp(1 / temperature), 1.6e6 at T=0.07) would
-    make the softmax one-hot and an AUC that of the hard predictions. Classes
-    without a vote get log(1e-30).
+    What the metrics should see of a k-NN as logits: their softmax is the class
+    probability and their argmax the votes'. Raw votes (each up to
+    exp(1 / temperature), 1.6e6 at T=0.07) would make the softmax one-hot and
+    an AUC that of the hard predictions. The probability is the share of the
+    votes with one pseudo-neighbour added that votes uniformly (its weight the
+    mean of the k real ones): (votes + total / (k C)) / (total (1 + 1 / k)).
+    That is an affine map of each class's plain share, the same for every
+    image, so accuracy, balanced accuracy and every per-class AUC are those of
+    the plain shares; but no class has probability 0, whose log made the
+    NLL of one confidently wrong image unbounded, and a fitted temperature
+    meaningless.
     """
     votes = np.asarray(votes, np.float64)
-    shares = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)
-    return np.log(np.maximum(shares, 1e-30)).astype(np.float32)
+    total = votes.sum(axis=1, keepdims=True)
+    prior = total / (int(k) * votes.shape[1])
+    probs = (votes + prior) / np.maximum(total + votes.shape[1] * prior, 1e-300)
+    return np.log(np.maximum(probs, 1e-300)).astype(np.float32)
 
 
 class KnnEvaluator(EvaluatorFields):
@@ -110,7 +118,7 @@ class KnnEvaluator(EvaluatorFields):
         )
         keep = (test["label"] >= 0).astype(np.float64)
         return classification_metrics(
-            vote_log_shares(votes),
+            vote_log_shares(votes, self.k),
             np.maximum(test["label"], 0),
             test["case_id"],
             names,

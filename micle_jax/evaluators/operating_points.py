@@ -44,8 +44,14 @@ def target_label(kind: str, value: float) -> str:
     return f"{kind}={value:g}"
 
 
-def parse(name: str, spec, class_names: Sequence[str]) -> tuple[list[tuple[str, float]], list]:
-    """The operating_points field -> ([(kind, target)], [class indices]); ([], []) when off."""
+def parse(
+    name: str, spec, class_names: Sequence[str], field: str | None = None
+) -> tuple[list[tuple[str, float]], list]:
+    """The operating_points field -> ([(kind, target)], [class indices]); ([], []) when off.
+
+    `field` names the config entry in messages (default 'config.evals.<name>').
+    """
+    field = field or f"config.evals.{name}"
     if not spec:
         return [], []
     spec = dict(DEFAULT_TARGETS) if spec is True else dict(spec)
@@ -53,7 +59,7 @@ def parse(name: str, spec, class_names: Sequence[str]) -> tuple[list[tuple[str, 
     unknown = sorted(set(spec) - set(KINDS))
     if unknown:
         raise ValueError(
-            f"config.evals.{name}.operating_points has unknown field(s) {unknown}; accepted: "
+            f"{field}.operating_points has unknown field(s) {unknown}; accepted: "
             f"{list(KINDS)} (tuples of targets in (0, 1)) and 'classes'"
         )
     targets = []
@@ -63,18 +69,18 @@ def parse(name: str, spec, class_names: Sequence[str]) -> tuple[list[tuple[str, 
         for value in values:
             if not 0 < float(value) < 1:
                 raise ValueError(
-                    f"config.evals.{name}.operating_points.{kind} target {value} must be in (0, 1)"
+                    f"{field}.operating_points.{kind} target {value} must be in (0, 1)"
                 )
             targets.append((kind, float(value)))
     if not targets:
-        raise ValueError(f"config.evals.{name}.operating_points names no target")
+        raise ValueError(f"{field}.operating_points names no target")
     if classes is None:
         return targets, list(range(len(class_names)))
     classes = (classes,) if isinstance(classes, str) else tuple(classes)
     bad = [c for c in classes if c not in class_names]
     if bad:
         raise ValueError(
-            f"config.evals.{name}.operating_points.classes names {bad}, which are not model "
+            f"{field}.operating_points.classes names {bad}, which are not model "
             f"classes {list(class_names)}"
         )
     return targets, [list(class_names).index(c) for c in classes]

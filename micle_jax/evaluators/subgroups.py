@@ -166,8 +166,8 @@ class _Column:
         )
 
 
-def _parse_spec(name: str, spec) -> dict:
-    """The subgroups field as dict(by, bands, min_cases, max_groups)."""
+def _parse_spec(field: str, spec) -> dict:
+    """The subgroups field as dict(by, bands, min_cases, max_groups); `field` for messages."""
     if isinstance(spec, str):
         spec = {"by": spec}
     elif isinstance(spec, Sequence):
@@ -176,8 +176,7 @@ def _parse_spec(name: str, spec) -> dict:
     unknown = sorted(set(spec) - set(SPEC_FIELDS))
     if unknown:
         raise ValueError(
-            f"config.evals.{name}.subgroups has unknown field(s) {unknown}; accepted: "
-            f"{list(SPEC_FIELDS)}"
+            f"{field}.subgroups has unknown field(s) {unknown}; accepted: {list(SPEC_FIELDS)}"
         )
     by = spec.get("by", "auto")
     by = by if by == "auto" else ((by,) if isinstance(by, str) else tuple(by))
@@ -186,7 +185,7 @@ def _parse_spec(name: str, spec) -> dict:
         edges = tuple(float(e) for e in edges)
         if not edges or any(b <= a for a, b in zip(edges[:-1], edges[1:], strict=True)):
             raise ValueError(
-                f"config.evals.{name}.subgroups.bands[{column!r}]={edges} must be increasing "
+                f"{field}.subgroups.bands[{column!r}]={edges} must be increasing "
                 "band edges, e.g. (30, 45, 60, 75)"
             )
         bands[column] = edges
@@ -194,13 +193,13 @@ def _parse_spec(name: str, spec) -> dict:
     max_groups = int(spec.get("max_groups", DEFAULT_MAX_GROUPS))
     if min_cases < 1 or max_groups < 2:
         raise ValueError(
-            f"config.evals.{name}.subgroups: min_cases={min_cases} must be >= 1 and "
+            f"{field}.subgroups: min_cases={min_cases} must be >= 1 and "
             f"max_groups={max_groups} >= 2"
         )
     metrics = spec.get("metrics", ("*",))
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     if not metrics:
-        raise ValueError(f"config.evals.{name}.subgroups.metrics names no metric pattern")
+        raise ValueError(f"{field}.subgroups.metrics names no metric pattern")
     return dict(by=by, bands=bands, min_cases=min_cases, max_groups=max_groups, metrics=metrics)
 
 
@@ -213,10 +212,19 @@ class Subgroups:
       meta: {image id: metadata} of the eval's images (read_image_meta), None if
         the source has no metadata.
       source: the eval's data source (for messages).
+      field: the config entry, for messages (default 'config.evals.<name>').
     """
 
-    def __init__(self, name: str, spec, meta: Mapping[str, dict] | None, source: str):
-        parsed = _parse_spec(name, spec)
+    def __init__(
+        self,
+        name: str,
+        spec,
+        meta: Mapping[str, dict] | None,
+        source: str,
+        field: str | None = None,
+    ):
+        field = field or f"config.evals.{name}"
+        parsed = _parse_spec(field, spec)
         self.min_cases = parsed["min_cases"]
         self.metrics = parsed["metrics"]
         meta = meta or {}
@@ -224,7 +232,7 @@ class Subgroups:
         for row in meta.values():
             for column, value in row.items():
                 values.setdefault(column, []).append(value)
-        self.columns = self._choose(name, parsed, values, source)
+        self.columns = self._choose(name, field, parsed, values, source)
         self._labels = {
             image_id: tuple(c.label(row.get(c.name)) for c in self.columns)
             for image_id, row in meta.items()
@@ -232,7 +240,7 @@ class Subgroups:
         logging.info("Eval %r: subgroups by %s", name, [c.name for c in self.columns] or "nothing")
 
     @staticmethod
-    def _choose(name, parsed, values, source) -> list[_Column]:
+    def _choose(name, field, parsed, values, source) -> list[_Column]:
         bands, max_groups = parsed["bands"], parsed["max_groups"]
 
         def numeric(column):
@@ -256,7 +264,7 @@ class Subgroups:
         if missing:
             available = sorted(values) or "none: only records converted with --meta_columns have it"
             raise ValueError(
-                f"config.evals.{name}.subgroups names {missing}, which the images of {source} do "
+                f"{field}.subgroups names {missing}, which the images of {source} do "
                 f"not have in their metadata (available columns: {available}); name existing "
                 "columns or use subgroups='auto'"
             )
@@ -264,7 +272,7 @@ class Subgroups:
         for column in parsed["by"]:
             if numeric(column) and column not in bands:
                 raise ValueError(
-                    f"config.evals.{name}.subgroups: column {column!r} is numeric; give its band "
+                    f"{field}.subgroups: column {column!r} is numeric; give its band "
                     f"edges, e.g. subgroups=dict(by=..., bands={{{column!r}: (30, 45, 60, 75)}})"
                 )
             chosen.append(_Column(column, bands[column] if numeric(column) else None))

@@ -24,29 +24,49 @@ WORKDIR/results.json rows carry `protocol`, `label_fraction` and the chosen
 hyper-parameter (`l2` or `k`) besides the usual fields, so that one run
 covers every fraction and both protocols.
 
+The test rows also carry the clinical metrics of the fine-tuning evals
+(evaluators/clinical.py), configured by config.clinical as a fine-tuning
+config's test eval: calibration (ECE, adaptive ECE, Brier, NLL) before and
+after a temperature fitted on the validation split's scores of the chosen
+hyper-parameter, the thresholds chosen on those scores for target
+specificities and sensitivities with sensitivity, specificity, PPV and NPV on
+test, and every metric by metadata subgroup; in the same rows (tags
+`calibration`, `target`, `subgroup`) as the fine-tuning evals'. Artifacts
+'<protocol>_test/frozen/label_fraction=<f>' hold the reliability curves, drawn
+as WORKDIR/plots/reliability_<protocol>_test_frozen_label_fraction=<f>.png.
+
   python -m micle_jax.main --config=configs/feature_eval.py:records=data/demo/ham10000,\
 init=workdirs/demo/pretrain_micle --workdir=workdirs/demo/features_micle_s0
 """
 
 from __future__ import annotations
 
+import functools
+import types
+
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from micle_jax import checkpoint, fs, models, rundir, sharding
+from micle_jax import checkpoint, fs, models, report_plots, rundir, sharding
 from micle_jax.data.stream import fractions, pipeline
 from micle_jax.evaluators import metrics
-from micle_jax.evaluators.classification import classification_metrics
+from micle_jax.evaluators.classification import classification_metrics, classification_set
+from micle_jax.evaluators.clinical import ClinicalMetrics
 from micle_jax.evaluators.eval_data import Context, EvalData, eval_seed
 from micle_jax.evaluators.knn import knn_scores, vote_log_shares
 from micle_jax.evaluators.linear_probe import fit_linear_probe_path
+from micle_jax.evaluators.outputs import EvalOutput, Predictions, metric_rows
 from micle_jax.evaluators.predictor import Predictor
 from micle_jax.task import TaskInfo
 
 PROTOCOLS = ("linear", "knn")
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "auc_mean")
+# config.clinical.fit_on: the split of config.splits whose scores fit the
+# temperature and the thresholds ('' = none: uncalibrated values only).
+FIT_ON = ("validation", "")
+CHECKPOINT = "frozen"  # results.json's checkpoint label: the backbone is never trained
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -75,6 +95,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.knn.k_grid or min(config.knn.k_grid) < 1:
         raise ValueError(
             f"config.knn.k_grid={tuple(config.knn.k_grid)!r} must be non-empty with values >= 1"
+        )
+    if config.clinical.fit_on not in FIT_ON:
+        raise ValueError(
+            f"config.clinical.fit_on={config.clinical.fit_on!r}; accepted: 'validation' (the "
+            "split that chooses the hyper-parameters) or '' (no temperature, no thresholds): "
+            "values fitted on the test split would flatter it"
         )
 
 
@@ -138,6 +164,10 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
         name: EvalData(name, {"data": {"split": split}}, ctx)
         for name, split in config.splits.items()
     }
+    # The test split's calibration, operating points and subgroups (its metadata read here).
+    clinical = ClinicalMetrics(
+        "test", config.clinical, splits["test"], task.class_names, field="config.clinical"
+    )
 
     # --- Features of every split, once. ---
     variables, where = load_backbone(model, config, task.image_size)
@@ -153,19 +183,27 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rundir.write_status(workdir, "running", step=0)
 
     # --- Every label fraction x protocol: choose on validation, report both splits. ---
-    rows, summary = [], {}
+    rows, summary, artifacts = [], {}, {}
     for fraction in config.label_fractions:
         kept = kept_cases[fraction]
         for protocol in config.protocols:
-            new_rows = _evaluate_protocol(config, protocol, fraction, kept, feats, splits, task)
+            outputs, new_rows = _evaluate_protocol(
+                config, protocol, fraction, kept, feats, splits, task, clinical
+            )
             rows += new_rows
-            for r in new_rows:
-                if r["eval"] == f"{protocol}_test":
-                    summary[f"{protocol}/{fraction:g}/{r['metric']}"] = r["value"]
+            test = outputs["test"]
+            for m in test.metrics:
+                if "subgroup" not in m.tags:  # as evaluators.scalars: the population's
+                    summary[f"{protocol}/{fraction:g}/{m.key}"] = float(m.value)
+            if test.artifacts:
+                key = f"{protocol}_test/{CHECKPOINT}/label_fraction={fraction:g}"
+                artifacts[key] = test.artifacts
 
     # --- Results. ---
     fs.makedirs(workdir)
-    path = rundir.write_results(workdir, config, rows)
+    path = rundir.write_results(workdir, config, rows, artifacts)
+    if jax.process_index() == 0:
+        report_plots.write_run_plots(workdir, artifacts)
     rundir.write_status(workdir, "finished", step=0, results=path)
     logging.info("Feature evaluation done; results in %s", path)
     return summary
@@ -226,7 +264,7 @@ def _scorer(config, protocol: str, x: np.ndarray, y: np.ndarray, num_classes: in
         # the hard predictions.
         return {
             k: vote_log_shares(
-                knn_scores(x, y, feats_eval, num_classes, int(k), config.knn.temperature)
+                knn_scores(x, y, feats_eval, num_classes, int(k), config.knn.temperature), k
             )
             for k in grid
         }
@@ -234,8 +272,16 @@ def _scorer(config, protocol: str, x: np.ndarray, y: np.ndarray, num_classes: in
     return grid, "k", score_grid
 
 
-def _evaluate_protocol(config, protocol, fraction, kept, feats, splits, task) -> list[dict]:
-    """One protocol on one label fraction: choose on validation, rows for both splits."""
+def _evaluate_protocol(
+    config, protocol, fraction, kept, feats, splits, task, clinical
+) -> tuple[dict[str, EvalOutput], list[dict]]:
+    """One protocol on one label fraction: choose on validation, rows for both splits.
+
+    Returns:
+      ({'validation', 'test': EvalOutput}, their results.json rows). The test
+      output has the clinical metrics (`clinical`, fitted on the validation
+      scores of the chosen hyper-parameter).
+    """
     train, val, test = feats["train"], feats["validation"], feats["test"]
     sub = np.array([c in kept for c in train["case_id"]])
     x, y = train["features"][sub], train["label"][sub]
@@ -259,36 +305,49 @@ def _evaluate_protocol(config, protocol, fraction, kept, feats, splits, task) ->
         key,
         best,
     )
-    rows = []
-    for split_name, part, scores in (
-        ("validation", val, scored[best][: len(val["label"])]),
-        ("test", test, scored[best][len(val["label"]) :]),
-    ):
-        name = f"{protocol}_{split_name}"
-        output = classification_metrics(
-            scores,
-            part["label"],
-            part["case_id"],
+    n_val = len(val["label"])
+    pred = {
+        "validation": _predictions(scored[best][:n_val], val),
+        "test": _predictions(scored[best][n_val:], test),
+    }
+    outputs = {
+        "validation": classification_metrics(
+            pred["validation"].logits,
+            val["label"],
+            val["case_id"],
             task.class_names,
             topk=(),
             bootstrap_samples=config.bootstrap_samples,
-            seed=eval_seed(config, f"{name}/{fraction}"),
+            seed=eval_seed(config, f"{protocol}_validation/{fraction}"),
+        ),
+        # The same metrics and bootstrap as classification_metrics, plus the clinical ones.
+        "test": clinical.evaluate(
+            pred["test"],
+            functools.partial(classification_set, class_names=task.class_names, topk=()),
+            config.bootstrap_samples,
+            eval_seed(config, f"{protocol}_test/{fraction}"),
+            fit=pred["validation"] if clinical.fit_on else None,
+        ),
+    }
+    rows = []
+    for split_name, output in outputs.items():
+        evaluated = types.SimpleNamespace(
+            name=f"{protocol}_{split_name}", split=splits[split_name].split, dataset=task.dataset
         )
-        for m in output.metrics:
-            rows.append(
-                {
-                    "eval": name,
-                    "metric": m.name,
-                    "value": float(m.value),
-                    "ci_low": float(m.ci_low),
-                    "ci_high": float(m.ci_high),
-                    "split": splits[split_name].split,
-                    "dataset": task.dataset,
-                    "step": 0,
-                    "checkpoint": "frozen",
-                    "protocol": protocol,
-                    "label_fraction": float(fraction),
-                    key: float(best),
-                }
-            )
-    return rows
+        for row in metric_rows(output, evaluated, 0, CHECKPOINT):
+            row.update(protocol=protocol, label_fraction=float(fraction))
+            row[key] = float(best)
+            rows.append(row)
+    return outputs, rows
+
+
+def _predictions(scores: np.ndarray, part: dict) -> Predictions:
+    """A split's class scores [n, C] (logits, or k-NN log vote shares) as Predictions."""
+    return Predictions(
+        np.asarray(scores, np.float32),
+        np.asarray(part["label"]),
+        np.ones(len(part["label"])),
+        np.asarray(part["case_id"], dtype=object),
+        np.asarray(part["image_id"], dtype=object),
+        "multiclass",
+    )

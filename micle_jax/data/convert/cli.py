@@ -12,6 +12,11 @@ r"""The converter's command line: a CSV of images, a MedMNIST-style npz, or DICO
     --key_file=~/secrets/cxr.key --meta_tags=ViewPosition,PatientSex \
     --split_fractions=train=0.8,validation=0.1,test=0.1 --out=/tmp/cxr
 
+  # First review what would be read: the headers only, the report, no records.
+  python -m micle_jax.data.convert --dicom_dir=/data/pacs_export \
+    --key_file=~/secrets/cxr.key --meta_tags=ViewPosition,PatientSex \
+    --deidentify=/tmp/cxr_deidentify_report.json
+
 The flags become a Plan (inputs.py; dicom_cases.py for DICOM), image options
 (images.py) and one call of write.convert, which checks, writes, verifies and
 moves the dataset into place.
@@ -65,7 +70,9 @@ _CSV_ONLY = (
     "case_column image_root image_column image_path_template image_id_column label_column "
     "label_columns meta_columns split_column split_fractions seed"
 ).split()
-_DICOM_ONLY = "case_tag meta_tags key_file create_key_file skip_burned_in dicom_voi".split()
+_DICOM_ONLY = (
+    "case_tag meta_tags key_file create_key_file skip_burned_in dicom_voi deidentify".split()
+)
 
 
 def define_flags() -> None:
@@ -106,6 +113,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("create_key_file", False, "create --key_file with a new key if missing")
     flags.DEFINE_bool("skip_burned_in", False, "leave out DICOM with BurnedInAnnotation YES")
     flags.DEFINE_string("dicom_voi", "0", "DICOM VOI LUT/window to apply: index, or 'none'")
+    flags.DEFINE_string(
+        "deidentify",
+        None,
+        "DICOM: read the headers only, print the de-identification report and write it "
+        "(JSON) to this file, '-' for stdout; no records (--out not needed)",
+    )
     flags.DEFINE_enum(
         "image_format",
         ImageOptions.image_format,
@@ -132,8 +145,10 @@ def define_flags() -> None:
 
 def _plan(f) -> tuple[Plan, bytes | None]:
     """(the Plan of the input flags, the DICOM key or None)."""
-    if sum(map(bool, (f.csv, f.npz, f.dicom_dir))) != 1 or not f.out:
-        raise ConversionError("give --out and exactly one of --csv, --npz and --dicom_dir")
+    if sum(map(bool, (f.csv, f.npz, f.dicom_dir))) != 1 or not (f.out or f.deidentify):
+        raise ConversionError(
+            "give --out (DICOM: or --deidentify) and exactly one of --csv, --npz and --dicom_dir"
+        )
     if f.dicom and not f.csv:
         raise ConversionError("--dicom says the --csv image paths are DICOM; give --csv")
     if not (f.dicom or f.dicom_dir):
@@ -182,6 +197,9 @@ def main(argv: list[str]) -> None:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         plan, key = _plan(f)
+        if f.deidentify:  # a review before converting: the headers are read, nothing written
+            deidentify.review(plan.deidentify, plan.problems, f.deidentify)
+            return
         excluded = read_case_list(f.exclude_cases) if f.exclude_cases else ()
         if key:  # the list names patients by their tag (or column) value
             excluded = {deidentify.keyed_id(key, case) for case in excluded}

@@ -12,7 +12,9 @@ hash could.
 Only the tags named here are read (`Report.tags_read`); the report written
 next to the records lists them, what became of each (hashed, stored in clear
 in image/meta, used for the pixels), and the images whose pixels carry
-burned-in text (BurnedInAnnotation = 'YES') or do not say.
+burned-in text (BurnedInAnnotation = 'YES') or do not say. `convert
+--deidentify=PATH` reads the headers only and writes that report (`review`),
+so that it can be checked before anything is converted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import json
 import os
 import re
 import secrets
+import sys
+from collections.abc import Sequence
 
 from pydicom import datadict
 
@@ -31,6 +35,7 @@ from micle_jax.data.convert.inputs import ConversionError
 
 REPORT_FILE = "deidentify_report.json"
 ID_HEX_CHARS = 16  # 64 bits: a collision among a million patients has odds ~3e-8
+ID_HASH = f"HMAC-SHA256(key, value), its first {ID_HEX_CHARS} hex digits"
 MIN_KEY_CHARS = 32
 # HIPAA Safe Harbor (45 CFR 164.514(b)(2)(i)(C)): ages over 89 are one group.
 OLDEST_AGE = 90
@@ -179,20 +184,21 @@ class Report:
 
     def as_json(self) -> str:
         """The report file's text (file paths left out: they may name patients)."""
-        fields = dict(dataclasses.asdict(self), tags_read=self.tags_read)
+        fields = dict(dataclasses.asdict(self), tags_read=self.tags_read, id_hash=ID_HASH)
         del fields["burned_in_files"]
         fields["not_read"] = "every other tag (names, birth date, addresses, dates, ...)"
         return json.dumps(fields, indent=2) + "\n"
 
-    def summary(self) -> str:
-        """A few lines for the converter's output."""
+    def summary(self, id_hash: bool = False) -> str:
+        """A few lines for the converter's output (`id_hash`: with how ids are hashed)."""
         fate = "left out (--skip_burned_in)" if self.skipped_burned_in else "kept: check them"
         hashed = self.hashed + [f"column {c}" for c in self.hashed_columns]
         ages = f"; {self.generalized_ages} ages of 90+ as 090Y+" if self.generalized_ages else ""
         lines = [
             f"de-identification: read {len(self.tags_read)} tags of {self.num_files} files "
             f"(key {self.key_fingerprint})",
-            f"  hashed with the key: {', '.join(hashed)}",
+            f"  hashed with the key: {', '.join(hashed)}"
+            + (f" (ids: {ID_HASH})" if id_hash else ""),
             f"  stored in clear (image/meta): {', '.join(self.in_clear) or 'none'}{ages}",
             f"  read for the pixels, not stored: {', '.join(self.not_stored)}",
             f"  BurnedInAnnotation: YES in {len(self.burned_in)} image(s) ({fate}), "
@@ -202,3 +208,36 @@ class Report:
         if len(self.burned_in_files) > 20:
             lines.append(f"    ... and {len(self.burned_in_files) - 20} more")
         return "\n".join(lines)
+
+
+def review(report: Report, problems: Sequence, path: str) -> None:
+    """`convert --deidentify=PATH`: the report of the headers read, and nothing converted.
+
+    Prints the report's summary (with the files flagged BurnedInAnnotation YES)
+    and the problems the headers show, and writes the report's JSON, the
+    REPORT_FILE a conversion would write, to `path` ('-': stdout, the summary
+    then going to stderr).
+
+    Args:
+      report: a DICOM plan's report (dicom_cases.py), its headers read.
+      problems: the plan's problems (inputs.Problem), which a conversion stops on.
+      path: where to write the JSON, or '-'.
+    """
+    text = sys.stderr if path == "-" else sys.stdout
+    print(report.summary(id_hash=True), file=text)
+    if problems:
+        print(
+            f"{len(problems)} problem(s) in the input: a conversion stops on them (or leaves "
+            "them out with --on_error=skip):",
+            file=text,
+        )
+        for problem in problems[:50]:
+            print(f"  {problem}", file=text)
+        if len(problems) > 50:
+            print(f"  ... and {len(problems) - 50} more", file=text)
+    if path == "-":
+        sys.stdout.write(report.as_json())
+        return
+    with open(path, "w") as f:
+        f.write(report.as_json())
+    print(f"wrote {path} (no records: --deidentify only reads the headers)", file=text)
