@@ -68,5 +68,8 @@ setuptools.setup(
         # python -m launch.sweep --executor=xmanager: about 600 MB with its Google
         # Cloud clients; not in "test" (tests/test_xm_launch.py uses a stand-in).
         "xm": ["xmanager>=0.8"],
+        # benchmarks/compare_pytorch.py only: the PyTorch side of the comparison,
+        # never a dependency of the package (on CPU-only machines PyTorch's CPU wheel).
+        "bench": ["torch>=2.4", "torchvision>=0.19"],
     },
 )

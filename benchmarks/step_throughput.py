@@ -14,6 +14,8 @@ compiling or running the step.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import jax
@@ -21,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from micle_jax import config_lib, models, optim, recipes, sharding
-from micle_jax.trainers import contrastive_step, train_state
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_step  # noqa: E402
+
+from micle_jax import models
 
 _ARCH = flags.DEFINE_string("arch", "r50x1", "Architecture name (config_lib.ARCHS).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "View size in pixels.")
@@ -54,32 +58,7 @@ def matmul_flops_per_s(n: int, dtype: str) -> float:
 
 def main(argv):
     del argv
-    model_config = config_lib.model_config(_ARCH.value, dtype=_DTYPE.value)
-    model = models.build_model(model_config)
-    optim_config = recipes.pretrain_config(_ARCH.value).optim
-    schedule = optim.make_schedule(optim_config, 1000, 100, _BATCH.value)
-    tx = optim.make_optimizer(optim_config, schedule)
-    mesh = sharding.make_mesh(config_lib.mesh_config())
-    state, state_shardings, _ = train_state.create_state(
-        model, tx, mesh, _IMAGE_SIZE.value, 0, 2**22
-    )
-    step = jax.jit(
-        contrastive_step.make_train_step(model, tx, schedule, 0.1, probe=False),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    rng = np.random.default_rng(0)
-    shape = (_BATCH.value, _IMAGE_SIZE.value, _IMAGE_SIZE.value, 3)
-    batch = sharding.host_to_global(
-        {
-            "view1": rng.random(shape, dtype=np.float32),
-            "view2": rng.random(shape, dtype=np.float32),
-            "label": np.zeros(_BATCH.value, np.int32),
-            "multi_instance": np.zeros(_BATCH.value, bool),
-        },
-        mesh,
-    )
+    step, state, batch = build_step(_ARCH.value, _IMAGE_SIZE.value, _BATCH.value, _DTYPE.value)
     lowered = step.lower(state, batch)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -16,10 +16,11 @@ from micle_jax.data import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HAM10000 = REPO / "data" / "demo" / "ham10000"
-SWEEP = (
-    "pretrain_steps=4,finetune_steps=4,finetune_evals=1,fractions=0.5,finetune_fractions=0.5,"
-    "lrs=0.4,batch=64"
-)
+# The demo's pre-training and frozen-feature stages and its report, shortened; its
+# fine-tuning stage is left out (finetune_datasets=): the sweep's fine-tuning runs,
+# their report rows and their first logged loss are tests/test_gcs.py's and
+# tests/test_finetune.py's, and the three runs cost this test half its time.
+SWEEP = "pretrain_steps=4,fractions=0.5,finetune_datasets=,batch=64"
 STEPS, BATCH = 4, 64
 
 
@@ -76,7 +77,7 @@ def test_short_demo_end_to_end(tmp_path):
         timeout=1200,
     )
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    assert "8/8" in sweep.stdout
+    assert "5/5" in sweep.stdout
     # MICLe on HAM10000 builds at least 20% of its pairs from two images of one
     # lesion (1,326 of the 5,139 training lesions have several: 0.258); SimCLR none.
     check_pair_fractions(
@@ -88,14 +89,6 @@ def test_short_demo_end_to_end(tmp_path):
     features = json.loads((root / "features_ham10000_micle_s0" / "results.json").read_text())
     tags = {(r["protocol"], r["label_fraction"], r["split"]) for r in features["results"]}
     assert tags == {(p, 0.5, s) for p in ("linear", "knn") for s in ("validation", "test")}
-    # Fine-tuning from MICLe reports its first logged loss and its protocol.
-    finetune = json.loads(
-        (root / "finetune_ham10000_micle_f0.5_lr0.4_s0" / "results.json").read_text()
-    )
-    assert {r["protocol"] for r in finetune["results"]} == {"finetune"}
-    assert [r["metric"] for r in finetune["results"] if r["eval"] == "train"] == [
-        "first_logged_loss"
-    ]
 
     shown = subprocess.run(
         [
@@ -121,9 +114,6 @@ def test_short_demo_end_to_end(tmp_path):
         ("simclr", "knn"),
         ("micle", "linear"),
         ("micle", "knn"),
-        ("scratch", "finetune"),
-        ("simclr", "finetune"),
-        ("micle", "finetune"),
     }, shown.stdout
     with open(root / "report" / "results.csv") as f:
         header = f.readline().strip().split(",")

@@ -27,6 +27,7 @@ DEMO = dict(
     pretrain_steps=150,
     finetune_steps=120,
     finetune_evals=3,
+    finetune_datasets="ham10000",
     fractions="0.01+0.1+1.0",
     finetune_fractions="0.1",
     lrs="0.1",

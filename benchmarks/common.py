@@ -1,0 +1,43 @@
+"""What several benchmarks build: the trainer's jitted contrastive step with random inputs."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from micle_jax import config_lib, models, optim, recipes, sharding
+from micle_jax.trainers import contrastive_step, train_state
+
+
+def build_step(arch: str, image_size: int, batch_size: int, dtype: str, probe: bool = False):
+    """The trainer's jitted contrastive step on this process's devices, with inputs.
+
+    Returns:
+      (step, state, batch): step(state, batch) -> (state, measurements), the
+      state donated; a random batch of `batch_size` pairs of views.
+    """
+    model_config = config_lib.model_config(arch, dtype=dtype)
+    model = models.build_model(model_config)
+    optim_config = recipes.pretrain_config(arch).optim
+    schedule = optim.make_schedule(optim_config, 1000, 100, batch_size)
+    tx = optim.make_optimizer(optim_config, schedule)
+    mesh = sharding.make_mesh(config_lib.mesh_config())
+    state, state_shardings, _ = train_state.create_state(model, tx, mesh, image_size, 0, 2**22)
+    step = jax.jit(
+        contrastive_step.make_train_step(model, tx, schedule, 0.1, probe=probe),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    rng = np.random.default_rng(0)
+    shape = (batch_size, image_size, image_size, 3)
+    batch = sharding.host_to_global(
+        {
+            "view1": rng.random(shape, dtype=np.float32),
+            "view2": rng.random(shape, dtype=np.float32),
+            "label": np.zeros(batch_size, np.int32),
+            "multi_instance": np.zeros(batch_size, bool),
+        },
+        mesh,
+    )
+    return step, state, batch
