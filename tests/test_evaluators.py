@@ -405,6 +405,16 @@ def test_balanced_accuracy_and_auc_mean_bootstrap_resample_cases():
         assert m.ci_low < m.value < m.ci_high, m
 
 
+def _knn_votes(num_test: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test labels, k-NN votes [num_test, 3]) of 3 noisy Gaussian classes, 200 train images."""
+    rng = np.random.default_rng(12)
+    centers = rng.normal(size=(3, 16))
+    y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, num_test)
+    x_train = centers[y_train] + 1.5 * rng.normal(size=(200, 16))
+    x_test = centers[y_test] + 1.5 * rng.normal(size=(num_test, 16))
+    return y_test, knn_scores(x_train, y_train, x_test, 3, k=k, temperature=0.07)
+
+
 def test_knn_probabilities_keep_a_confidently_wrong_image_finite():
     """At k=5 most test images have a class without a vote: its probability is not 0, so
     one confidently wrong image costs a bounded NLL and temperature scaling stays near 1.
@@ -412,12 +422,7 @@ def test_knn_probabilities_keep_a_confidently_wrong_image_finite():
     With log(1e-30) for a class without votes (the earlier floor) this problem's NLL
     was 1.585 and its fitted temperature 15.8; with the pseudo-neighbour 0.352 and 0.686.
     """
-    rng = np.random.default_rng(12)
-    centers = rng.normal(size=(3, 16))
-    y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 300)
-    x_train = centers[y_train] + 1.5 * rng.normal(size=(200, 16))
-    x_test = centers[y_test] + 1.5 * rng.normal(size=(300, 16))
-    votes = knn_scores(x_train, y_train, x_test, 3, k=5, temperature=0.07)
+    y_test, votes = _knn_votes(300, k=5)
     assert (votes.min(axis=1) == 0).sum() > 250  # the case the smoothing is for
     logits = vote_log_shares(votes, 5)
     ids = np.arange(300).astype(str).astype(object)
@@ -429,12 +434,7 @@ def test_knn_probabilities_keep_a_confidently_wrong_image_finite():
 
 def test_knn_auc_mean_is_that_of_the_vote_shares():
     """The k-NN's class probabilities are its vote shares; raw votes would be one-hot."""
-    rng = np.random.default_rng(12)
-    centers = rng.normal(size=(3, 16))
-    y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 100)
-    x_train = centers[y_train] + 1.5 * rng.normal(size=(200, 16))
-    x_test = centers[y_test] + 1.5 * rng.normal(size=(100, 16))
-    votes = knn_scores(x_train, y_train, x_test, 3, k=20, temperature=0.07)
+    y_test, votes = _knn_votes(100, k=20)
     shares = votes / votes.sum(axis=1, keepdims=True)
     logits = vote_log_shares(votes, 20)
     # The shares with a 21st neighbour voting 1/3 for each class (its weight the mean).
