@@ -22,7 +22,7 @@ def _multiclass(logits, labels, weights=None):
 
 def _values(metric_set, weights):
     """{(name, calibration tag): value} of a MetricSet at `weights`."""
-    values = metric_set.compute(np.asarray(weights, np.float64))
+    values = metric_set.compute(np.asarray(weights, np.float64)[None])[0]
     return {
         (n, t["calibration"]): v
         for n, t, v in zip(metric_set.names, metric_set.tags, values, strict=True)
@@ -89,21 +89,26 @@ def test_reliability_and_ece_match_sklearn_calibration_curve(strategy):
 
 
 def test_equal_mass_edges_are_the_percentiles_of_the_repeated_scores():
-    """EqualMassEdges sorts once; each call's integer weights give np.percentile's edges."""
+    """EqualMassEdges sorts once; each row of integer weights, alone ([n]) or in a batch of
+    resamples ([S, n]), gives np.percentile's edges of its repeated scores."""
     rng = np.random.default_rng(4)
     for trial in range(200):
         n = int(rng.integers(1, 60))
         scores = rng.random(n) if trial % 2 else np.round(rng.random(n), 1)  # ties
         bins = int(rng.integers(2, 16))
         edges = calibration.EqualMassEdges(scores, bins)
-        for _ in range(3):
-            weights = rng.integers(0, 4, n).astype(float)
+        batch = rng.integers(0, 4, (4, n)).astype(float)
+        batch[trial % 4] = 0  # a resample without any of these images
+        batched = edges.edges(batch)
+        assert batched.shape == (4, bins + 1)
+        for weights, row in zip(batch, batched, strict=True):
+            np.testing.assert_array_equal(edges.edges(weights), row)
             repeated = np.repeat(scores, weights.astype(int))
             if not repeated.size:
-                assert np.isnan(edges.edges(weights)).all()
+                assert np.isnan(row).all()
                 continue
             want = np.percentile(repeated, np.linspace(0, 100, bins + 1))
-            np.testing.assert_allclose(edges.edges(weights), want, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(row, want, rtol=0, atol=1e-12)
 
 
 def test_weighted_ece_equals_ece_of_the_repeated_images():
@@ -238,7 +243,7 @@ def test_multilabel_eval_fits_a_temperature_per_class_on_validation_and_applies_
     metrics = clinical.ClinicalMetrics(
         "test", dict(fit_on="validation", calibration=True), None, names
     )
-    no_other_metrics = lambda p: MetricSet([], lambda w: np.zeros(0))  # noqa: E731
+    no_other_metrics = lambda p: MetricSet([], lambda w: np.zeros((len(w), 0)))  # noqa: E731
     output = metrics.evaluate(test, no_other_metrics, 0, 0, fit=validation)
     rows = {(m.name, m.tags.get("calibration")): m for m in output.metrics}
     assert ("temperature/hernia", "after_temperature") not in rows

@@ -13,14 +13,25 @@ from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 
 from micle_jax import config_lib, evaluators, report_plots
-from micle_jax.evaluators import bootstrap, calibration, metrics, subgroups
-from micle_jax.evaluators.classification import ClassificationEvaluator, classification_metrics
+from micle_jax.evaluators import (
+    bootstrap,
+    calibration,
+    metric_set,
+    metrics,
+    operating_points,
+    subgroups,
+)
+from micle_jax.evaluators.classification import (
+    ClassificationEvaluator,
+    classification_metrics,
+    classification_set,
+)
 from micle_jax.evaluators.clinical import check_fit_on
 from micle_jax.evaluators.eval_data import Context
 from micle_jax.evaluators.knn import knn_scores, vote_log_shares
 from micle_jax.evaluators.labels import LabelMap
 from micle_jax.evaluators.linear_probe import fit_linear_probe
-from micle_jax.evaluators.multilabel import multilabel_metrics
+from micle_jax.evaluators.multilabel import multilabel_metrics, multilabel_set
 from micle_jax.evaluators.outputs import Predictions
 from micle_jax.task import TaskInfo
 
@@ -127,17 +138,26 @@ def test_roc_auc_matches_sklearn_with_ties_and_weights():
     assert np.isnan(metrics.roc_auc(scores, np.ones(500)))  # no negative: undefined
 
 
-def test_one_weighted_auc_serves_every_bootstrap_sample():
-    """WeightedAuc sorts once; each call's weights (bootstrap counts, zeros) give sklearn's."""
+@pytest.mark.parametrize("ties", [True, False])
+def test_one_weighted_auc_serves_every_bootstrap_sample(ties):
+    """WeightedAuc sorts once; each row of weights (bootstrap counts, zeros), alone [n] or in
+    a batch [S, n], gives sklearn's AUC; NaN for a row without positives or negatives."""
     rng = np.random.default_rng(3)
     targets = rng.integers(0, 2, 300)
-    scores = np.round(rng.normal(size=300) + targets, 1)
+    scores = rng.normal(size=300) + targets
+    scores = np.round(scores, 1) if ties else scores
     auc = metrics.WeightedAuc(scores, targets)
-    for _ in range(20):
-        w = rng.integers(0, 3, 300).astype(float)
-        assert auc(w) == pytest.approx(skm.roc_auc_score(targets, scores, sample_weight=w))
-    only_positives = np.where(targets == 1, 1.0, 0.0)
-    assert np.isnan(auc(only_positives))
+    batch = rng.integers(0, 3, (20, 300)).astype(float)
+    batch[5] = np.where(targets == 1, 1.0, 0.0)  # only positives
+    batch[9] = 0.0
+    batched = auc(batch)
+    assert batched.shape == (20,)
+    for i, w in enumerate(batch):
+        assert auc(w) == batched[i] or np.isnan(auc(w)) and np.isnan(batched[i])
+        if i in (5, 9):
+            assert np.isnan(batched[i])
+            continue
+        assert batched[i] == pytest.approx(skm.roc_auc_score(targets, scores, sample_weight=w))
 
 
 def test_multilabel_auc_masks_unknown_labels():
@@ -157,7 +177,7 @@ def test_bootstrap_resamples_cases_not_images():
     case_ids = np.repeat(np.arange(20), 10)
     values = np.repeat(np.random.default_rng(4).normal(size=20), 10)
     low, high = bootstrap.confidence_interval(
-        lambda w: np.sum(w * values) / np.sum(w), case_ids, num_samples=2000, seed=0
+        lambda w: (w @ values) / w.sum(axis=1), case_ids, num_samples=2000, seed=0
     )
     case_values = values[::10]
     rng = np.random.default_rng(5)
@@ -167,13 +187,135 @@ def test_bootstrap_resamples_cases_not_images():
     assert low < values.mean() < high
     # Reproducible per seed; every sample draws as many cases as there are.
     again = bootstrap.confidence_interval(
-        lambda w: np.sum(w * values) / np.sum(w), case_ids, num_samples=2000, seed=0
+        lambda w: (w @ values) / w.sum(axis=1), case_ids, num_samples=2000, seed=0
     )
     assert (float(again[0]), float(again[1])) == (float(low), float(high))
     index, num_cases = bootstrap.case_index(case_ids)
     weights = bootstrap.bootstrap_weights(index, num_cases, 5, 0)
     assert np.all(weights.sum(axis=1) == 200)
     assert np.all(weights.reshape(5, 20, 10).std(axis=2) == 0)  # a case's images move together
+
+
+def test_bootstrap_chunks_are_the_same_resamples_and_intervals(monkeypatch):
+    """The resamples, drawn in chunks of bounded size, are the numbers one draw of all of
+    them gives (the formula bootstrap_weights always used), so intervals do not change."""
+    case_ids = np.repeat(np.arange(30), 1 + np.arange(30) % 3)
+    n, samples, seed = len(case_ids), 50, 7
+    index, num_cases = bootstrap.case_index(case_ids)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(num_cases, np.full(num_cases, 1 / num_cases), size=samples)
+    want = draws[:, index].astype(np.float64)
+    draw = (index, num_cases, samples, seed)
+    np.testing.assert_array_equal(bootstrap.bootstrap_weights(*draw), want)
+    for max_elements, sizes in ((7 * n, [7] * 7 + [1]), (1, [1] * samples), (10**9, [samples])):
+        chunks = list(bootstrap.bootstrap_weight_chunks(*draw, max_elements))
+        assert [len(c) for c in chunks] == sizes
+        np.testing.assert_array_equal(np.concatenate(chunks), want)
+
+    values = np.random.default_rng(8).normal(size=n)
+    rows_seen = []
+
+    def mean(w):
+        rows_seen.append(len(w))
+        return (w @ values) / w.sum(axis=1)
+
+    whole = bootstrap.confidence_interval(mean, case_ids, samples, seed)
+    assert rows_seen == [1, samples]  # the shape probe, then one chunk
+    ref = np.percentile([np.sum(w * values) / np.sum(w) for w in want], [2.5, 97.5])
+    np.testing.assert_allclose(whole, ref, rtol=1e-12)
+    monkeypatch.setattr(bootstrap, "MAX_CHUNK_ELEMENTS", 3 * n + 1)
+    rows_seen.clear()
+    chunked = bootstrap.confidence_interval(mean, case_ids, samples, seed)
+    assert rows_seen == [1] + [3] * 16 + [2]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12)  # w @ values: BLAS rounding
+
+
+def _resample_rows(known, present, rng, num_random=30):
+    """[S, n] weights: bootstrap-like counts, then four rows: zero total weight, only images
+    without a `known` label, a single image, and only the `present` images."""
+    n = len(known)
+    rows = list(rng.integers(0, 4, (num_random, n)).astype(np.float64))
+    rows.append(np.zeros(n))
+    rows.append(np.where(known, 0.0, 2.0))
+    rows.append(np.eye(n)[int(np.flatnonzero(known)[0])])
+    rows.append(present * rng.integers(1, 3, n).astype(np.float64))
+    return np.stack(rows)
+
+
+def _batched_and_row_by_row(joined, weights):
+    """(compute on the whole [S, n] batch, compute on each [1, n] row, stacked)."""
+    batched = joined.compute(weights)
+    assert batched.shape == (len(weights), len(joined.names))
+    one_by_one = np.concatenate([joined.compute(weights[i : i + 1]) for i in range(len(weights))])
+    return batched, one_by_one
+
+
+def _column(joined, name, calibration_tag=None):
+    """The index of metric `name` (with tag calibration=calibration_tag if given)."""
+    for j, (n, tags) in enumerate(zip(joined.names, joined.tags, strict=True)):
+        if n == name and tags.get("calibration") == calibration_tag:
+            return j
+    raise KeyError(name)
+
+
+def test_metric_sets_on_a_batch_of_resamples_equal_them_one_at_a_time():
+    """Every metric set computes S resamples at once; each row equals that resample alone
+    ([1, n]), NaN included: rows with zero weight, a class absent, one image."""
+    rng = np.random.default_rng(13)
+    num_classes, names = 4, ["a", "b", "c", "d"]
+
+    def multiclass(n):
+        labels = rng.choice(num_classes, n, p=[0.4, 0.3, 0.2, 0.1])
+        logits = 2 * rng.normal(size=(n, num_classes)) + 2 * np.eye(num_classes)[labels]
+        keep = (rng.random(n) > 0.1).astype(np.float64)  # some labels map to no class
+        ids = np.array([f"i{i}" for i in range(n)], dtype=object)
+        return Predictions(logits.astype(np.float32), labels, keep, ids, ids, "multiclass")
+
+    validation, test = multiclass(150), multiclass(90)
+    targets = [("specificity", 0.9), ("sensitivity", 0.9), ("sensitivity", 0.6)]
+    thresholds = operating_points.fit_thresholds(validation, targets, range(num_classes))
+    temperature = calibration.fit_temperatures(validation)
+    joined = metric_set.join(
+        [
+            classification_set(test, names, topk=(2, 3)),
+            calibration.metric_set(test, names, bins=6, temperature=temperature),
+            operating_points.metric_set(test, names, thresholds, "validation"),
+        ]
+    )
+    # The last row has images of classes 'a' and 'b' only.
+    weights = _resample_rows(test.weights > 0, np.isin(test.labels, (0, 1)), rng)
+    batched, one_by_one = _batched_and_row_by_row(joined, weights)
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-12, atol=0)
+    assert np.isnan(batched[-4:-2]).all()  # no weight on a labelled image
+    assert not np.isnan(batched[:-4]).all(axis=0).any()  # the random rows define everything
+    assert np.isnan(batched[-1, _column(joined, "per_class_accuracy/c")])
+    for name in ("accuracy", "per_class_accuracy/a", "auc_mean"):
+        assert not np.isnan(batched[-1, _column(joined, name)]), name
+    assert not np.isnan(batched[-1, _column(joined, "ece_adaptive", calibration.AFTER)])
+
+    # Multilabel: per-class AUC and calibration with per-class temperatures, one NaN.
+    n = 120
+    labels = (rng.random((n, 3)) < [0.3, 0.5, 0.1]).astype(np.float64)
+    logits = rng.normal(size=(n, 3)) + 2 * labels
+    mask = (rng.random((n, 3)) > 0.25).astype(np.float64)
+    ids = np.array([f"i{i}" for i in range(n)], dtype=object)
+    pred = Predictions(logits.astype(np.float32), labels, mask, ids, ids, "multilabel")
+    joined = metric_set.join(
+        [
+            multilabel_set(pred, ["x", "y", "z"]),
+            calibration.metric_set(pred, ["x", "y", "z"], 5, np.array([0.7, np.nan, 2.0])),
+        ]
+    )
+    # The last row has no positive 'x' label.
+    weights = _resample_rows(mask[:, 2] > 0, labels[:, 0] == 0, rng)
+    batched, one_by_one = _batched_and_row_by_row(joined, weights)
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-12, atol=0)
+    assert np.isnan(batched[-4]).all()
+    assert np.isnan(batched[:, _column(joined, "ece/y", calibration.AFTER)]).all()
+    assert not np.isnan(batched[:-4, _column(joined, "ece", calibration.AFTER)]).any()
+    assert np.isnan(batched[-3, _column(joined, "auc/z")])  # no known 'z' label
+    assert np.isnan(batched[-1, _column(joined, "auc/x")])
+    assert not np.isnan(batched[-1, _column(joined, "auc_mean")])
 
 
 def test_classification_metrics_values_and_intervals(multiclass_data):

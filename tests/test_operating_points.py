@@ -84,7 +84,7 @@ def test_multiclass_one_vs_rest_rates_on_test_match_sklearn():
     test = _predictions(test_logits, test_labels, np.ones(500), "multiclass")
     metric_set = operating_points.metric_set(test, names, thresholds, "validation")
     weights = rng.integers(0, 3, 500).astype(float)
-    values = metric_set.compute(weights)
+    values = metric_set.compute(weights[None])[0]
     rep = np.repeat(np.arange(500), weights.astype(int))
     probs = np.exp(test_logits[rep]) / np.exp(test_logits[rep]).sum(1, keepdims=True)
     checked = 0
@@ -118,7 +118,7 @@ def test_multilabel_rates_leave_unknown_labels_out():
     pred = _predictions(logits, targets, mask, "multilabel")
     thresholds = {("sensitivity", 0.9): {0: 0.3, 1: 0.6}}
     metric_set = operating_points.metric_set(pred, ["edema", "effusion"], thresholds, "validation")
-    values = dict(zip(metric_set.names, metric_set.compute(np.ones(n)), strict=True))
+    values = dict(zip(metric_set.names, metric_set.compute(np.ones((1, n)))[0], strict=True))
     for k, name in enumerate(["edema", "effusion"]):
         known = mask[:, k] > 0
         predicted = 1 / (1 + np.exp(-logits[known, k])) >= thresholds[("sensitivity", 0.9)][k]
@@ -166,7 +166,7 @@ def test_multilabel_thresholds_are_fitted_per_class_on_known_validation_labels()
     validation.labels[:, 2] = validation.labels[:, 2] * (1 - validation.weights[:, 2])
     entry = dict(fit_on="validation", operating_points=dict(specificity=0.9, sensitivity=0.95))
     metrics = clinical.ClinicalMetrics("test", entry, None, names)
-    base = lambda p: MetricSet([], lambda w: np.zeros(0))  # noqa: E731 - no other metrics
+    base = lambda p: MetricSet([], lambda w: np.zeros((len(w), 0)))  # noqa: E731 - none else
     output = metrics.evaluate(test, base, 0, 0, fit=validation)
     rows = {(m.name, m.tags["target"]): m for m in output.metrics}
     # 'hernia' has no known positive in validation: no threshold and no rates.

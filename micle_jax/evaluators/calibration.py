@@ -23,7 +23,9 @@ Guo et al. 2017 ("On Calibration of Modern Neural Networks"):
     with tag calibration='after_temperature' and the 'temperature' itself.
 
 Every function takes integer per-image weights (the case bootstrap's counts;
-bootstrap.py): a weight of 2 is the image twice, 0 leaves it out.
+bootstrap.py): a weight of 2 is the image twice, 0 leaves it out. The metric
+sets take a batch of them, [S, n] for S resamples, and return [S, k]
+(metric_set.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import math
 import numpy as np
 import scipy.optimize
 
-from micle_jax.evaluators.metric_set import MetricSet
+from micle_jax.evaluators import metrics
+from micle_jax.evaluators.metric_set import MetricSet, join
 from micle_jax.evaluators.outputs import Predictions
 
 DEFAULT_BINS = 15  # Guo et al. 2017
@@ -53,7 +56,8 @@ class EqualMassEdges:
 
     `edges(weights)` is np.percentile(np.repeat(scores, weights), linspace(0, 100,
     bins + 1)) (linear interpolation): calibration_curve's strategy='quantile'
-    on the resampled images, without building the repeated array.
+    on the resampled images, without building the repeated array; a batch of
+    weights [S, n] gives every resample's edges at once.
 
     Args:
       scores: [n]; bins: how many bins.
@@ -66,19 +70,79 @@ class EqualMassEdges:
         self.quantiles = np.linspace(0.0, 1.0, bins + 1)
 
     def edges(self, weights: np.ndarray) -> np.ndarray:
-        """[bins + 1] edges (NaN if every weight is 0); weights are rounded to integers."""
-        cum = np.cumsum(np.rint(np.asarray(weights)[self.order]).astype(np.int64))
-        total = int(cum[-1]) if cum.size else 0
-        if total <= 0:
-            return np.full(len(self.quantiles), np.nan)
-        position = self.quantiles * (total - 1)  # into the sorted repeated scores
+        """The edges under `weights` [n] or [S, n], rounded to integers.
+
+        Returns:
+          [bins + 1] float64 ([S, bins + 1] for [S, n] weights); NaN where every
+          weight (of the row) is 0.
+        """
+        w, batched = metrics.weight_rows(weights, len(self.order))
+        edges = self._sorted_edges(np.take(w, self.order, axis=1))
+        return edges if batched else edges[0]
+
+    def binned_sums(self, weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Each resample's sums of weight x value over its own equal-mass bins.
+
+        Args:
+          weights: [S, n] integer per-image weights; the bins are edges(weights).
+          values: [n] one value per image (calibration: outcome - score).
+
+        Returns:
+          [S, bins] float64; NaN rows where every weight is 0.
+        """
+        w = np.take(np.asarray(weights, np.float64), self.order, axis=1)
+        edges = self._sorted_edges(w)
+        num_rows, bins = len(w), len(self.quantiles) - 1
+        # A score on an edge goes to the lower bin (calibration_curve's
+        # searchsorted(edges[1:-1], score)): its bin is the number of inner
+        # edges below it. Each inner edge is passed by the sorted scores from
+        # the first rank above it on, so the bins of the sorted scores are a
+        # running count of those ranks.
+        first_above = np.searchsorted(self.sorted, edges[:, 1:-1], side="right")  # [S, bins - 1]
+        stride = len(self.order) + 1
+        marks = np.bincount(
+            (first_above + stride * np.arange(num_rows)[:, None]).ravel(),
+            minlength=num_rows * stride,
+        )
+        bin_of = np.cumsum(marks.reshape(num_rows, stride)[:, :-1], axis=1)  # [S, n]
+        sums = np.bincount(
+            (bin_of + bins * np.arange(num_rows)[:, None]).ravel(),
+            (w * np.asarray(values, np.float64)[self.order]).ravel(),
+            minlength=num_rows * bins,
+        ).reshape(num_rows, bins)
+        return np.where(np.isnan(edges).any(axis=1)[:, None], np.nan, sums)
+
+    def _sorted_edges(self, w: np.ndarray) -> np.ndarray:
+        """[S, bins + 1] edges (NaN rows: no weight) of weights [S, n] in sorted order."""
+        num_rows, n = w.shape
+        if n == 0:
+            return np.full((num_rows, len(self.quantiles)), np.nan)
+        cum = np.cumsum(np.rint(w).astype(np.int64), axis=1)
+        total = cum[:, -1:]
+        position = self.quantiles * (total - 1)  # into each row's sorted repeated scores
         low = np.floor(position).astype(np.int64)
         high = np.minimum(low + 1, total - 1)
         t = position - low
-        a = self.sorted[np.searchsorted(cum, low, side="right")]
-        b = self.sorted[np.searchsorted(cum, high, side="right")]
+        a = self.sorted[self._first_above(cum, low)]
+        b = self.sorted[self._first_above(cum, high)]
         # numpy's interpolation (np.lib's _lerp): from the nearer end.
-        return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+        edges = np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+        return np.where(total > 0, edges, np.nan)
+
+    @staticmethod
+    def _first_above(cum: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Per row, np.searchsorted(cum[s], x[s], side='right'), clipped to [0, n - 1].
+
+        The rows' counts [S, n] (non-decreasing, in [0, max total]) are offset
+        by row * (max total + 1), so that one searchsorted over all rows finds
+        each row's position: integers, so the offsets change no comparison.
+        """
+        num_rows, n = cum.shape
+        stride = int(cum[:, -1].max()) + 1
+        offset = stride * np.arange(num_rows, dtype=np.int64)[:, None]
+        found = np.searchsorted((cum + offset).ravel(), (x + offset).ravel(), side="right")
+        index = found.reshape(x.shape) - n * np.arange(num_rows)[:, None]
+        return np.clip(index, 0, n - 1)
 
 
 def equal_mass_edges(scores: np.ndarray, weights: np.ndarray, bins: int) -> np.ndarray:
@@ -115,16 +179,26 @@ def reliability(scores, outcomes, weights, edges) -> dict[str, list[float]]:
     }
 
 
+def _ece(gaps: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """ECE from each bin's sum of weight x (outcome - score), gaps [S, bins], and the total
+    weight [S]: sum over bins of |gap| / total; [S], NaN where total <= 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, np.abs(gaps).sum(axis=1) / total, np.nan)
+
+
 def expected_calibration_error(scores, outcomes, weights, edges) -> float:
-    """ECE: sum over bins of |sum of weight x (outcome - score)| / total weight (NaN: none)."""
+    """ECE: sum over bins of |sum of weight x (outcome - score)| / total weight (NaN: none).
+
+    Args:
+      scores: [n]; outcomes: [n] in {0, 1}; weights: [n]; edges: [bins + 1].
+    """
     scores = np.asarray(scores, np.float64)
     weights = np.asarray(weights, np.float64)
-    total = weights.sum()
-    if total <= 0 or np.isnan(edges).any():
+    if np.isnan(edges).any():
         return float("nan")
     residuals = weights * (np.asarray(outcomes) - scores)
     gaps = np.bincount(bin_index(scores, edges), residuals, minlength=len(edges) - 1)
-    return float(np.abs(gaps).sum() / total)
+    return float(_ece(gaps[None], np.array([weights.sum()]))[0])
 
 
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -225,30 +299,46 @@ def _problem_set(pred: Predictions, temperature, bins: int, tag: str, class_name
     scores, outcomes, masks, nll = _binary_problems(pred, temperature)
     brier = _brier_terms(pred, temperature)
     k = scores.shape[1]
+    residuals = outcomes - scores
     # A class without a fitted temperature (NaN scores) gets NaN metrics: left out.
-    valid = ~np.isnan(scores).any(axis=0)
+    valid = np.flatnonzero(~np.isnan(scores).any(axis=0))
     width = equal_width_edges(bins)
-    width_bins = [bin_index(scores[:, j], width) for j in range(k)]
-    mass = [EqualMassEdges(scores[:, j], bins) for j in range(k)]
+    # Per problem, [n, bins + 2]: each image's residual in the column of its
+    # equal-width bin, then its Brier and NLL terms, so that one matrix product
+    # sums all of them for every resample.
+    summed = {
+        j: np.concatenate(
+            [
+                np.eye(bins)[bin_index(scores[:, j], width)] * residuals[:, j, None],
+                brier[:, j, None],
+                nll[:, j, None],
+            ],
+            axis=1,
+        )
+        for j in valid
+    }
+    mass = {j: EqualMassEdges(scores[:, j], bins) for j in valid}
 
     def compute(w: np.ndarray) -> np.ndarray:
-        values = np.full((len(_METRICS), k), np.nan)
-        for j in range(k):
+        values = np.full((len(w), len(_METRICS), k), np.nan)
+        for j in valid:
             wj = w * masks[:, j]
-            total = wj.sum()
-            if total <= 0 or not valid[j]:
-                continue
-            gaps = np.bincount(width_bins[j], wj * (outcomes[:, j] - scores[:, j]), minlength=bins)
-            values[0, j] = np.abs(gaps).sum() / total
-            edges = mass[j].edges(wj)
-            values[1, j] = expected_calibration_error(scores[:, j], outcomes[:, j], wj, edges)
-            values[2, j] = np.dot(wj, brier[:, j]) / total
-            values[3, j] = np.dot(wj, nll[:, j]) / total
+            total = wj.sum(axis=1)
+            sums = wj @ summed[j]
+            values[:, 0, j] = _ece(sums[:, :bins], total)
+            values[:, 1, j] = _ece(mass[j].binned_sums(wj, residuals[:, j]), total)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = sums[:, bins:] / total[:, None]
+            values[:, 2:, j] = np.where(total[:, None] > 0, means, np.nan)
         if pred.label_type == "multiclass":
-            return values[:, 0]
-        defined = ~np.isnan(values[0])
-        means = values[:, defined].mean(axis=1) if defined.any() else np.full(len(_METRICS), np.nan)
-        return np.concatenate([values.reshape(-1), means])
+            return values[:, :, 0]
+        # The mean over the classes whose metrics are defined in the resample.
+        defined = ~np.isnan(values[:, :1, :])  # [S, 1, K]
+        count = defined.sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.where(defined, values, 0.0).sum(axis=2) / count
+        means = np.where(count > 0, means, np.nan)
+        return np.concatenate([values.reshape(len(w), -1), means], axis=1)
 
     if pred.label_type == "multiclass":
         names = list(_METRICS)
@@ -261,18 +351,14 @@ def metric_set(
     pred: Predictions, class_names, bins: int = DEFAULT_BINS, temperature=None
 ) -> MetricSet:
     """The calibration metrics of `pred` (module docstring), before and, given fitted
-    temperatures ([1] or [C], from fit_temperatures), after temperature scaling."""
+    temperatures ([1] or [C], from fit_temperatures), after temperature scaling; its
+    compute maps weights [S, n] to [S, k]."""
     num = 1 if pred.label_type == "multiclass" else pred.logits.shape[1]
     sets = [_problem_set(pred, np.ones(num), bins, BEFORE, class_names)]
     if temperature is not None:
         fitted = np.asarray(temperature, np.float64)
         sets.append(_problem_set(pred, fitted, bins, AFTER, class_names))
-    names = [n for s in sets for n in s.names]
-    return MetricSet(
-        names,
-        lambda w: np.concatenate([s.compute(w) for s in sets]),
-        [t for s in sets for t in s.tags],
-    )
+    return join(sets)
 
 
 def reliability_curves(pred: Predictions, class_names, bins: int, temperature=None) -> list[dict]:

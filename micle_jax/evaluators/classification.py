@@ -39,6 +39,8 @@ def classification_set(
     of the softmax averaged over the classes with positives and negatives:
     roc_auc_score(multi_class='ovr', average='macro'); the AUC for two
     classes), 'per_class_accuracy/<class>' (NaN: a class without images).
+    Its compute maps weights [S, n] to [S, k], every resample's means taken
+    over the classes defined in that resample.
     """
     logits = np.asarray(pred.logits, np.float32)
     labels = np.asarray(pred.labels)
@@ -47,21 +49,21 @@ def classification_set(
         raise ValueError(f"{len(class_names)} class names for {num_classes} logits")
     base_w = np.asarray(pred.weights, np.float64)
     ks = sorted({int(k) for k in topk if 1 < int(k) < num_classes})
-    correct = [metrics.topk_correct(logits, labels, 1)] + [
-        metrics.topk_correct(logits, labels, k) for k in ks
-    ]
+    # [n, 1 + len(ks)]: whether each image is right at top-1, then at each top-k.
+    correct = [metrics.topk_correct(logits, labels, k) for k in (1, *ks)]
+    correct = np.stack(correct, axis=1).astype(np.float64)
     probs = metrics.softmax(logits)
     aucs_of = [metrics.WeightedAuc(probs[:, c], labels == c) for c in range(num_classes)]
 
     def compute(w: np.ndarray) -> np.ndarray:
         w = w * base_w
-        total = w.sum()
-        accs = [np.sum(w * c) / total if total > 0 else np.nan for c in correct]
+        total = w.sum(axis=1)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accs = np.where(total > 0, (w @ correct) / total, np.nan)
         per_class = metrics.per_class_accuracy(logits, labels, w)  # NaN: a class without images
-        balanced = np.nanmean(per_class) if not np.all(np.isnan(per_class)) else np.nan
-        aucs = [auc(w) for auc in aucs_of]
-        auc_mean = np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan
-        return np.concatenate([accs, [balanced, auc_mean], per_class])
+        aucs = np.stack([auc(w) for auc in aucs_of], axis=1)
+        means = [metrics.nanmean_rows(per_class), metrics.nanmean_rows(aucs)]
+        return np.concatenate([accs, np.stack(means, axis=1), per_class], axis=1)
 
     names = ["accuracy"] + [f"top{k}" for k in ks] + ["balanced_accuracy", "auc_mean"]
     names += [f"per_class_accuracy/{c}" for c in class_names]

@@ -1,11 +1,13 @@
 """Metrics as functions of per-image weights, bootstrapped at once for the population and subgroups.
 
 A `MetricSet` names k metrics of one set of predictions and computes all of
-them for any per-image weights [n] (bootstrap.py: integer weights are how
-cases are resampled). An evaluator describes its metrics as a function
-`make_set(predictions) -> MetricSet`; `evaluate` then applies it to the whole
-population and to every subgroup's images (subgroups.py), and draws one case
-bootstrap for all of them, so that
+them for a batch of per-image weights, [S, n] -> [S, k]: one row per case
+bootstrap resample (bootstrap.py: integer weights are how cases are
+resampled), vectorised over the rows with NumPy, so that 1000 resamples cost
+a few array operations rather than 1000 Python calls. An evaluator describes
+its metrics as a function `make_set(predictions) -> MetricSet`; `evaluate`
+then applies it to the whole population and to every subgroup's images
+(subgroups.py), and draws one case bootstrap for all of them, so that
 
   - every number gets the same 95% interval over cases as before;
   - a subgroup's gap to the whole population ('gap/<metric>', subgroup value
@@ -38,7 +40,10 @@ class MetricSet:
 
     Attributes:
       names: [k] metric names.
-      compute: weights [n] -> [k] float64 values (NaN: undefined for these weights).
+      compute: weights [S, n] float64 (S resamples, or S = 1 for the values
+        themselves) -> [S, k] float64, row s the metrics under weights[s] (NaN:
+        undefined for those weights). Vectorised over S: loops over classes,
+        bins or subgroups, never over the rows.
       tags: [k] dicts (rundir.RESULT_TAGS facets, e.g. {'calibration': 'before_temperature'}).
       info: [k] dicts written with the metric (e.g. {'threshold': 0.42}).
     """
@@ -56,12 +61,31 @@ class MetricSet:
             raise ValueError(f"MetricSet: {k} names, {len(self.tags)} tags, {len(self.info)} info")
 
 
+def _compute_rows(metric_set: MetricSet, weights: np.ndarray) -> np.ndarray:
+    """`metric_set.compute(weights)`, checked to be [S, k] float64.
+
+    Args:
+      metric_set: the metrics; weights: [S, n] float64.
+
+    Returns:
+      [S, k] float64.
+    """
+    values = np.asarray(metric_set.compute(weights), np.float64)
+    want = (len(weights), len(metric_set.names))
+    if values.shape != want:
+        raise ValueError(
+            f"MetricSet.compute gave shape {values.shape} for weights {weights.shape}; it must "
+            f"map weights [S, n] to [S, k] = {want} (metrics {metric_set.names[:3]}...)"
+        )
+    return values
+
+
 def join(sets: Sequence[MetricSet]) -> MetricSet:
     """One MetricSet computing every metric of `sets`, in order."""
     sets = list(sets)
     return MetricSet(
         [n for s in sets for n in s.names],
-        lambda w: np.concatenate([np.asarray(s.compute(w), np.float64) for s in sets]),
+        lambda w: np.concatenate([_compute_rows(s, w) for s in sets], axis=1),
         [t for s in sets for t in s.tags],
         [i for s in sets for i in s.info],
     )
@@ -103,14 +127,15 @@ def evaluate(
         subsets.append(subset)
 
     def compute(w: np.ndarray) -> np.ndarray:
-        overall = np.asarray(whole.compute(w), np.float64)
+        """[S, n] -> [S, k (1 + 2 groups)]: population, then each group's values and gaps."""
+        overall = _compute_rows(whole, w)
         parts = [overall]
         for group, subset in zip(measured, subsets, strict=True):
-            value = np.asarray(subset.compute(w[group.index]), np.float64)
+            value = _compute_rows(subset, np.take(w, group.index, axis=1))
             parts += [value, value - overall]
-        return np.concatenate(parts)
+        return np.concatenate(parts, axis=1)
 
-    values = compute(np.ones(len(predictions)))
+    values = compute(np.ones((1, len(predictions))))[0]
     low, high = bootstrap.confidence_interval(compute, predictions.case_ids, samples, seed)
 
     per_group = [any(fnmatch.fnmatchcase(n, p) for p in group_metrics) for n in whole.names]

@@ -2,10 +2,12 @@
 
 Every metric takes `weights` [n] (non-negative): 0 drops an example (padding,
 an unmapped label), and integer weights are how the case bootstrap
-(bootstrap.py) resamples patients without copying arrays. With unit weights
-each function equals its scikit-learn counterpart (tests/test_evaluators.py
-checks accuracy_score, top_k_accuracy_score, confusion_matrix and
-roc_auc_score on random data).
+(bootstrap.py) resamples patients without copying arrays. `WeightedAuc` and
+`per_class_accuracy` also take a batch of weights [S, n] (S resamples at once,
+metric_set.py) and then return one row of values per resample. With unit
+weights each function equals its scikit-learn counterpart
+(tests/test_evaluators.py checks accuracy_score, top_k_accuracy_score,
+confusion_matrix and roc_auc_score on random data).
 """
 
 from __future__ import annotations
@@ -22,6 +24,33 @@ def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
     if weights.shape != (n,):
         raise ValueError(f"weights must be [n]={n}; got shape {weights.shape}")
     return weights
+
+
+def weight_rows(weights: np.ndarray | None, n: int) -> tuple[np.ndarray, bool]:
+    """Per-example weights as a batch of rows.
+
+    Args:
+      weights: None (every example once), [n], or [S, n] (S resamples).
+      n: the number of examples.
+
+    Returns:
+      ([S, n] float64 weights (S = 1 unless batched), whether `weights` was [S, n]).
+    """
+    if weights is not None and np.ndim(weights) == 2:
+        weights = np.asarray(weights, np.float64)
+        if weights.shape[1] != n:
+            raise ValueError(f"weights must be [S, n={n}]; got shape {weights.shape}")
+        return weights, True
+    return _weights(weights, n)[None], False
+
+
+def nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """[S, k] -> [S]: each row's mean over its non-NaN entries; NaN for a row without any."""
+    defined = ~np.isnan(values)
+    count = defined.sum(axis=1)
+    total = np.where(defined, values, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -84,17 +113,25 @@ def per_class_accuracy(
 ) -> np.ndarray:
     """Per-class top-1 accuracy (the recall of each class).
 
+    The diagonal of the confusion matrix over its row sums, both weighted sums
+    over images (w @ onehot), so a batch of resamples costs two matrix products.
+
     Args:
-      scores: [n, classes]; labels: [n] ints; weights: [n] or None.
+      scores: [n, classes]; labels: [n] ints; weights: [n], [S, n] or None.
 
     Returns:
-      [classes] float64; NaN for a class without examples.
+      [classes] float64 ([S, classes] for [S, n] weights); NaN for a class
+      without examples.
     """
     scores = np.asarray(scores)
-    matrix = confusion_matrix(labels, np.argmax(scores, axis=1), scores.shape[1], weights)
-    totals = matrix.sum(axis=1)
+    labels = _check_labels(labels, scores.shape[1])
+    w, batched = weight_rows(weights, len(labels))
+    onehot = np.eye(scores.shape[1])[labels]
+    totals = w @ onehot
+    right = w @ (onehot * (np.argmax(scores, axis=1) == labels)[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(matrix) / np.where(totals > 0, totals, 1), np.nan)
+        out = np.where(totals > 0, right / np.where(totals > 0, totals, 1), np.nan)
+    return out if batched else out[0]
 
 
 class WeightedAuc:
@@ -104,7 +141,8 @@ class WeightedAuc:
     ties counting one half (the Mann-Whitney statistic, equal to the trapezoidal
     ROC area scikit-learn computes), each example counted `weight` times. The
     scores are sorted and grouped into ties here, so a bootstrap sample costs
-    two weighted sums per tie group instead of a sort.
+    two weighted sums per tie group instead of a sort, and a batch of samples
+    [S, n] costs a few array operations.
 
     Args:
       scores: [n] float; targets: [n] in {0, 1}.
@@ -113,26 +151,39 @@ class WeightedAuc:
     def __init__(self, scores: np.ndarray, targets: np.ndarray):
         scores = np.asarray(scores, np.float64)
         self.order = np.argsort(scores, kind="mergesort")
-        self.positive = (np.asarray(targets) > 0.5)[self.order]
+        positive = (np.asarray(targets) > 0.5)[self.order]
+        self.positive, self.negative = positive.astype(np.float64), (~positive).astype(np.float64)
         sorted_scores = scores[self.order]
         # Tie groups: a positive beats every negative of a lower score and half of
         # the negatives with its own score.
         self.starts = np.flatnonzero(np.r_[True, np.diff(sorted_scores) != 0])
 
-    def __call__(self, weights: np.ndarray | None = None) -> float:
-        """AUC in [0, 1] under per-example `weights` [n]; NaN when the weighted
-        positives or negatives are 0."""
-        w = _weights(weights, len(self.order))[self.order]
-        pos_w = np.where(self.positive, w, 0.0)
-        neg_w = w - pos_w
-        total_pos, total_neg = pos_w.sum(), neg_w.sum()
-        if total_pos <= 0 or total_neg <= 0:
-            return float("nan")
-        group_pos = np.add.reduceat(pos_w, self.starts)
-        group_neg = np.add.reduceat(neg_w, self.starts)
-        neg_below = np.cumsum(group_neg) - group_neg
-        wins = np.dot(group_pos, neg_below + 0.5 * group_neg)
-        return float(wins / (total_pos * total_neg))
+    def __call__(self, weights: np.ndarray | None = None) -> float | np.ndarray:
+        """The AUC under per-example weights.
+
+        Args:
+          weights: [n], [S, n] (S resamples at once) or None (all 1).
+
+        Returns:
+          AUC in [0, 1] (a float for [n] weights, [S] float64 for [S, n]); NaN
+          when the weighted positives or negatives are 0.
+        """
+        w, batched = weight_rows(weights, len(self.order))
+        w = np.take(w, self.order, axis=1)  # as w[:, order], faster
+        total_pos, total_neg = w @ self.positive, w @ self.negative
+        defined = (total_pos > 0) & (total_neg > 0)
+        auc = np.full(len(w), np.nan)
+        if defined.any():
+            pos_w, neg_w = w * self.positive, w * self.negative
+            if len(self.starts) < len(self.order):  # ties: one term per group of equal scores
+                pos_w = np.add.reduceat(pos_w, self.starts, axis=1)
+                neg_w = np.add.reduceat(neg_w, self.starts, axis=1)
+            # The negatives below each group and half of those in it.
+            beaten = np.cumsum(neg_w, axis=1) - 0.5 * neg_w
+            wins = np.einsum("sg,sg->s", pos_w, beaten)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                auc = np.where(defined, wins / (total_pos * total_neg), np.nan)
+        return auc if batched else float(auc[0])
 
 
 def roc_auc(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> float:

@@ -29,7 +29,7 @@ EXTRA_FIELDS = ("bootstrap_samples", *clinical.EXTRA_FIELDS)
 
 
 def multilabel_set(pred: Predictions, class_names: Sequence[str]) -> MetricSet:
-    """'auc/<class>' and 'auc_mean' of `pred` as a function of per-image weights.
+    """'auc/<class>' and 'auc_mean' of `pred` as a function of per-image weights [S, n].
 
     The mean is over the classes defined (a positive and a negative label)
     for the given weights, inside each bootstrap sample too.
@@ -45,9 +45,8 @@ def multilabel_set(pred: Predictions, class_names: Sequence[str]) -> MetricSet:
     ]
 
     def compute(w: np.ndarray) -> np.ndarray:
-        aucs = np.array([auc(w * known[:, c]) for c, auc in enumerate(aucs_of)])
-        mean = np.nanmean(aucs) if np.any(~np.isnan(aucs)) else np.nan
-        return np.append(aucs, mean)
+        aucs = np.stack([auc(w * known[:, c]) for c, auc in enumerate(aucs_of)], axis=1)
+        return np.concatenate([aucs, metrics.nanmean_rows(aucs)[:, None]], axis=1)
 
     return MetricSet([f"auc/{c}" for c in class_names] + ["auc_mean"], compute)
 

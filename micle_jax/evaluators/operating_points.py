@@ -149,22 +149,35 @@ def fit_thresholds(
     return out
 
 
-def rates(predicted, positives, weights) -> np.ndarray:
-    """[4, K] sensitivity, specificity, PPV, NPV of [n, K] predictions (NaN: no denominator).
+def rates(counts: np.ndarray) -> np.ndarray:
+    """Sensitivity, specificity, PPV and NPV from weighted confusion counts.
 
     Args:
-      predicted, positives: [n, K] bool / {0, 1}; weights: [n, K].
+      counts: [..., 4, K] weighted (tp, fp, tn, fn) of K binary problems.
+
+    Returns:
+      [..., 4, K] float64 sensitivity, specificity, PPV, NPV (NaN: no denominator).
+    """
+    tp, fp, tn, fn = np.moveaxis(np.asarray(counts, np.float64), -2, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.stack([tp / (tp + fn), tn / (tn + fp), tp / (tp + fp), tn / (tn + fn)], axis=-2)
+    return np.where(np.isfinite(out), out, np.nan)
+
+
+def confusion_cells(predicted, positives, weights) -> np.ndarray:
+    """[n, 4, K] each image's share of the (tp, fp, tn, fn) counts of K binary problems.
+
+    A batch of per-image weights w [S, n] gives the counts as one matrix
+    product, w @ cells (reshaped [S, 4, K]).
+
+    Args:
+      predicted, positives: [n, K] bool / {0, 1}; weights: [n, K] (0: unknown label).
     """
     predicted = np.asarray(predicted, bool)
     positives = np.asarray(positives) > 0.5
-    w = np.asarray(weights, np.float64)
-    tp = (w * (predicted & positives)).sum(0)
-    fp = (w * (predicted & ~positives)).sum(0)
-    tn = (w * (~predicted & ~positives)).sum(0)
-    fn = (w * (~predicted & positives)).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.array([tp / (tp + fn), tn / (tn + fp), tp / (tp + fp), tn / (tn + fn)])
-    return np.where(np.isfinite(out), out, np.nan)
+    cells = [predicted & positives, predicted & ~positives, ~predicted & ~positives]
+    cells.append(~predicted & positives)
+    return np.stack(cells, axis=1) * np.asarray(weights, np.float64)[:, None, :]
 
 
 def metric_set(
@@ -173,13 +186,17 @@ def metric_set(
     thresholds: Mapping[tuple[str, float], Mapping[int, float]],
     fit_on: str,
 ) -> MetricSet:
-    """Sensitivity, specificity, PPV and NPV of `pred` at fixed thresholds (fit_thresholds)."""
+    """Sensitivity, specificity, PPV and NPV of `pred` at fixed thresholds (fit_thresholds).
+
+    Its compute maps weights [S, n] to [S, 4 x thresholds], the four rates of
+    each (target, class) in turn.
+    """
     scores, positives, weights = one_vs_rest(pred)
     combos = [(key, c, t) for key, by_class in thresholds.items() for c, t in by_class.items()]
     columns = np.array([c for _, c, _ in combos], np.int64)
     cut = np.array([t for _, _, t in combos], np.float64)
-    predicted = scores[:, columns] >= cut
-    pos, mask = positives[:, columns], weights[:, columns]
+    cells = confusion_cells(scores[:, columns] >= cut, positives[:, columns], weights[:, columns])
+    cells = cells.reshape(len(scores), -1)  # [n, 4 K]
     names, tags, info = [], [], []
     for (kind, target), c, t in combos:
         for rate in RATES:
@@ -188,6 +205,7 @@ def metric_set(
             info.append({"threshold": t, "fit_on": fit_on})
 
     def compute(w: np.ndarray) -> np.ndarray:
-        return rates(predicted, pos, w[:, None] * mask).T.reshape(-1)
+        values = rates((w @ cells).reshape(len(w), 4, len(combos)))  # (tp, fp, tn, fn)
+        return values.transpose(0, 2, 1).reshape(len(w), -1)
 
     return MetricSet(names, compute, tags, info)
