@@ -60,6 +60,7 @@ from micle_jax.evaluators.linear_probe import fit_linear_probe_path
 from micle_jax.evaluators.outputs import EvalOutput, Predictions, metric_rows
 from micle_jax.evaluators.predictor import Predictor
 from micle_jax.task import TaskInfo
+from micle_jax.trainers import train_state
 
 PROTOCOLS = ("linear", "knn")
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "auc_mean")
@@ -120,7 +121,9 @@ def load_backbone(model, config: ml_collections.ConfigDict, image_size: int) -> 
       ({'params', 'batch_stats'} host arrays, a description for the log).
     """
     dummy = np.zeros((2, image_size, image_size, 3), np.float32)
-    variables = jax.device_get(model.init(jax.random.key(config.seed), dummy, train=False))
+    variables = jax.device_get(
+        train_state.run_once(lambda: model.init(jax.random.key(config.seed), dummy, train=False))
+    )
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     if not config.init.checkpoint:
         return variables, f"random initialisation (seed {config.seed})"
