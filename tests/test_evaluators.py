@@ -16,13 +16,14 @@ from micle_jax import config_lib, evaluators, report_plots
 from micle_jax.evaluators import (
     bootstrap,
     calibration,
+    clinical,
     metric_set,
     metrics,
+    multilabel,
     operating_points,
     subgroups,
 )
 from micle_jax.evaluators.classification import (
-    ClassificationEvaluator,
     classification_metrics,
     classification_set,
 )
@@ -31,7 +32,7 @@ from micle_jax.evaluators.eval_data import Context
 from micle_jax.evaluators.knn import knn_scores, vote_log_shares
 from micle_jax.evaluators.labels import LabelMap
 from micle_jax.evaluators.linear_probe import fit_linear_probe
-from micle_jax.evaluators.multilabel import multilabel_metrics, multilabel_set
+from micle_jax.evaluators.multilabel import multilabel_set
 from micle_jax.evaluators.outputs import Predictions
 from micle_jax.task import TaskInfo
 
@@ -345,13 +346,20 @@ def test_multilabel_metrics_mean_of_defined_classes():
     logits = rng.normal(size=(120, 3)) + targets
     mask = np.ones_like(targets)
     mask[:, 2] = 0  # no labels for class 2 (e.g. not in the shifted dataset)
-    out = multilabel_metrics(logits, targets, mask, np.arange(120) // 2, ["a", "b", "c"], 100)
+    names = ["a", "b", "c"]
+    no_clinical = clinical.ClinicalMetrics("test", {}, None, names)
+
+    def evaluate(targets):
+        pred = Predictions(logits, targets, mask, np.arange(120) // 2, np.arange(120), "multilabel")
+        return multilabel.evaluate_predictions(pred, names, no_clinical, 100, 0)
+
+    out = evaluate(targets)
     names = [m.name for m in out.metrics]
     assert names == ["auc/a", "auc/b", "auc_mean"]
     expected = [skm.roc_auc_score(targets[:, c], logits[:, c]) for c in range(2)]
     assert out.get("auc_mean") == pytest.approx(np.mean(expected))
     with pytest.raises(ValueError, match="no class has both"):
-        multilabel_metrics(logits, np.ones_like(targets), mask, np.arange(120), ["a", "b", "c"])
+        evaluate(np.ones_like(targets))
 
 
 def test_label_map_identity_shift_and_errors():
@@ -611,25 +619,29 @@ class FakePredictor:
         self.calls = []
 
     def predict(self, variables, batches, outputs):
-        del variables, outputs
-        keep = {"logits": [], "label": [], "case_id": [], "image_id": []}
+        """{'logits' or 'features' (the same vectors), 'label', 'case_id', 'image_id'}."""
+        del variables
+        (output,) = outputs
+        keep = {output: [], "label": [], "case_id": [], "image_id": []}
         scale = 1.0 + 2.0 * len(self.calls)
         for batch in batches:
             for i in np.flatnonzero(batch["mask"] > 0):
                 image_id = batch["image_id"][i].decode()
                 rng = np.random.default_rng(zlib.crc32(image_id.encode()))
                 label = int(batch["label"][i])
-                keep["logits"].append(scale * (rng.normal(size=7) + 1.5 * np.eye(7)[label]))
+                keep[output].append(scale * (rng.normal(size=7) + 1.5 * np.eye(7)[label]))
                 keep["label"].append(label)
                 keep["case_id"].append(batch["case_id"][i].decode())
                 keep["image_id"].append(image_id)
         self.calls.append(keep["image_id"])
         out = {k: np.array(v, dtype=object if "id" in k else None) for k, v in keep.items()}
-        out["logits"] = out["logits"].astype(np.float32)
+        out[output] = out[output].astype(np.float32)
         return out
 
 
-def _ham_evaluators(test_entry, predictor=None):
+def _ham_evaluators(test_entry, predictor=None, kind="classification"):
+    """Evals 'validation' and 'test' (`test_entry`) of type `kind` on the HAM10000 demo
+    records, predicted by `predictor` (a FakePredictor by default)."""
     config = ml_collections.ConfigDict(
         dict(
             seed=0,
@@ -641,13 +653,19 @@ def _ham_evaluators(test_entry, predictor=None):
             ),
         )
     )
-    task = TaskInfo("multiclass", HAM_CLASSES, 8, "ham10000")
+    # A fine-tuning run's model has the task's head; a pre-training run's has none.
+    task = TaskInfo("multiclass", HAM_CLASSES, 8, "ham10000") if kind == "classification" else None
     ctx = Context(config=config, task=task, predictor=predictor or FakePredictor())
+    evaluator = evaluators.TYPES[kind]
+    validation_entry = dict(type=kind, data=dict(split="validation"))
+    if kind in ("knn", "linear_probe"):
+        # The monitors' neighbours or probe come from the other held-out split: the
+        # 6,861 training images would take the test most of a minute to read.
+        validation_entry["train_data"] = dict(split="test")
+        test_entry = dict(test_entry, train_data=dict(split="validation"))
     evals = {
-        "validation": ClassificationEvaluator(
-            "validation", dict(type="classification", data=dict(split="validation")), ctx
-        ),
-        "test": ClassificationEvaluator("test", dict(type="classification", **test_entry), ctx),
+        "validation": evaluator("validation", validation_entry, ctx),
+        "test": evaluator("test", dict(type=kind, **test_entry), ctx),
     }
     check_fit_on(evals)
     return evals, ctx.predictor
@@ -738,6 +756,48 @@ def test_reliability_artifacts_and_tensorboard_scalars(ham_run, tmp_path):
     assert evaluators.row_scalars([r for r in rows if r["eval"] == "test"]) == {
         k: v for k, v in tags.items() if k.startswith("test/")
     }
+
+
+@pytest.mark.parametrize("kind", ["knn", "linear_probe"])
+def test_pretraining_monitors_report_the_clinical_metrics(kind):
+    """A k-NN or linear-probe monitor with CLINICAL: the values of its own predictions.
+
+    Validation's predictions (the monitor's log vote shares or probe logits)
+    fit the temperature and thresholds; test's rows are those that
+    calibration.py, operating_points.py and subgroups compute from them.
+    """
+    evals, predictor = _ham_evaluators(dict(data=dict(split="test"), **CLINICAL), kind=kind)
+    outputs, rows, artifacts = evaluators.run_evaluators(evals, {}, 100, "final")
+    # Each monitor predicts its neighbours' (probe's) split and its own split.
+    assert len(predictor.calls) == 4
+    validation, test = outputs["validation"].predictions, outputs["test"].predictions
+    assert list(test.image_ids) == predictor.calls[3]
+    by_key = {
+        (r["metric"], r.get("target"), r.get("calibration"), r.get("subgroup")): r for r in rows
+    }
+    temperature = calibration.fit_temperatures(validation)[0]
+    assert by_key[("temperature", None, "after_temperature", None)]["value"] == temperature
+    thresholds = operating_points.fit_thresholds(
+        validation, [("specificity", 0.9)], [HAM_CLASSES.index("mel")]
+    )
+    (mel_threshold,) = thresholds[("specificity", 0.9)].values()
+    assert by_key[("threshold/mel", "specificity=0.9", None, None)]["value"] == mel_threshold
+    mel = test.labels == HAM_CLASSES.index("mel")
+    probs = _softmax(test.logits.astype(np.float64))
+    predicted = probs[:, HAM_CLASSES.index("mel")] >= mel_threshold
+    sensitivity = by_key[("sensitivity/mel", "specificity=0.9", None, None)]
+    assert sensitivity["value"] == pytest.approx(skm.recall_score(mel, predicted))
+    correct = (probs.argmax(1) == test.labels).astype(np.float64)
+    brier = np.mean(np.sum((probs - np.eye(7)[test.labels]) ** 2, axis=1))
+    assert by_key[("brier", None, "before_temperature", None)]["value"] == pytest.approx(brier)
+    meta = subgroups.read_image_meta(f"records:{HAM10000}", "test")
+    women = np.array([meta[i]["sex"] == "female" for i in test.image_ids])
+    female = by_key[("accuracy", None, None, "sex=female")]
+    assert female["value"] == pytest.approx(correct[women].mean())
+    assert [c["calibration"] for c in artifacts["test/final"]["reliability"]] == [
+        "before_temperature",
+        "after_temperature",
+    ]
 
 
 def test_a_periodic_eval_fitting_on_an_eval_not_due_predicts_it_only():

@@ -16,9 +16,11 @@ matrix), 'multilabel' (per-class ROC AUC and their mean), 'knn' and
 (base.COMMON_FIELDS): `data` (overrides of config.data), `label_map`
 (distribution shift: the data's class -> the model's class), `every_steps` (0
 = only at the end), `in_results` (write to results.json), `batch_size`.
-'classification' and 'multilabel' also take `fit_on`, `calibration`,
-`operating_points` and `subgroups` (clinical.py: calibration, thresholds
-chosen on another eval's predictions, every metric by metadata subgroup).
+Every type also takes `fit_on`, `calibration`, `operating_points` and
+`subgroups` (clinical.py: calibration, thresholds chosen on another eval's
+predictions, every metric by metadata subgroup); the frozen-feature monitors
+score their k-NN vote shares or probe logits as 'classification' and
+'multilabel' score the model's logits.
 Every number comes with a 95% bootstrap interval over cases (bootstrap.py).
 
 A trainer builds them once (`build_evaluators`: every check happens here,

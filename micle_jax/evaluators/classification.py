@@ -126,6 +126,37 @@ def classification_metrics(
     return EvalOutput(result, _artifacts(pred, logits.shape[1], class_names))
 
 
+def evaluate_predictions(
+    pred: Predictions,
+    class_names: Sequence[str],
+    topk: Sequence[int],
+    clinical_metrics: clinical.ClinicalMetrics,
+    samples: int,
+    seed: int,
+    fit: Predictions | None = None,
+) -> EvalOutput:
+    """Every multiclass eval's output: `classification_set` and the eval's clinical metrics.
+
+    The evaluators of logits (ClassificationEvaluator) and of frozen features
+    (knn.py, linear_probe.py) share it.
+
+    Args:
+      pred: the eval's predictions (logits or log-probabilities on class_names).
+      class_names: the classes; topk: the extra 'top<k>' metrics.
+      clinical_metrics: the eval's calibration, operating points and subgroups.
+      samples, seed: the case bootstrap.
+      fit: the predictions of the eval named by fit_on, when it has one.
+
+    Returns:
+      EvalOutput with the metrics, the confusion matrix and sizes, the clinical
+      artifacts and `pred`.
+    """
+    make_set = functools.partial(classification_set, class_names=class_names, topk=topk)
+    output = clinical_metrics.evaluate(pred, make_set, samples, seed, fit)
+    output.artifacts = {**_artifacts(pred, len(class_names), class_names), **output.artifacts}
+    return output
+
+
 class ClassificationEvaluator(EvaluatorFields):
     """config.evals.NAME = dict(type='classification', data=..., [label_map, topk, ...])."""
 
@@ -147,17 +178,18 @@ class ClassificationEvaluator(EvaluatorFields):
         return Predictions(logits, labels, keep, pred["case_id"], pred["image_id"], "multiclass")
 
     def evaluate(self, variables: Mapping, step: int, fit: Predictions | None = None) -> EvalOutput:
-        """Predicts the split and computes the metrics (`classification_set`, clinical.py).
+        """Predicts the split and computes the metrics (`evaluate_predictions`).
 
         Args:
           variables: {'params', 'batch_stats'}; step: the training step.
           fit: the predictions of the eval named by fit_on (run_evaluators passes them).
         """
-        pred = self.predict(variables)
-        make_set = functools.partial(
-            classification_set, class_names=self.class_names, topk=self.topk
+        return evaluate_predictions(
+            self.predict(variables),
+            self.class_names,
+            self.topk,
+            self.clinical,
+            self.samples,
+            self.seed,
+            fit,
         )
-        output = self.clinical.evaluate(pred, make_set, self.samples, self.seed, fit)
-        artifacts = _artifacts(pred, len(self.class_names), self.class_names)
-        output.artifacts = {**artifacts, **output.artifacts}
-        return output

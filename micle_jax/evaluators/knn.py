@@ -10,6 +10,14 @@ linear probe).
   config.evals.knn = dict(type='knn', every_steps=1000,
       data=dict(source='records:data/demo/pneumoniamnist', split='test'),
       train_data=dict(split='train'))
+
+The votes are scored as a classification eval's logits (their log shares,
+`vote_log_shares`), with the same optional clinical fields (clinical.py):
+
+  config.evals.knn_validation = dict(type='knn', data=dict(split='validation'))
+  config.evals.knn = dict(type='knn', data=dict(split='test'),
+      fit_on='knn_validation', calibration=True, operating_points=True,
+      subgroups='auto')
 """
 
 from __future__ import annotations
@@ -18,12 +26,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from micle_jax.evaluators import classification, clinical
 from micle_jax.evaluators.base import EvaluatorFields
-from micle_jax.evaluators.classification import classification_metrics
 from micle_jax.evaluators.eval_data import Context
-from micle_jax.evaluators.outputs import EvalOutput
+from micle_jax.evaluators.outputs import EvalOutput, Predictions
 
-EXTRA_FIELDS = ("train_data", "k", "temperature", "bootstrap_samples")
+EXTRA_FIELDS = ("train_data", "k", "temperature", "bootstrap_samples", *clinical.EXTRA_FIELDS)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -101,10 +109,12 @@ class KnnEvaluator(EvaluatorFields):
         self.temperature = float(entry.get("temperature", 0.07))
         if self.k < 1 or self.temperature <= 0:
             raise ValueError(f"eval {name!r}: k={self.k} must be >= 1 and temperature > 0")
+        self.class_names = list(self.data.info.class_names)
+        self.clinical = clinical.ClinicalMetrics(name, entry, self.data, self.class_names)
+        self.fit_on = self.clinical.fit_on
 
-    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
-        """k-NN accuracy of the evaluated split against the train split's features."""
-        names = list(self.data.info.class_names)
+    def predict(self, variables: Mapping) -> Predictions:
+        """The k-NN's log vote shares on the evaluated split, against the train split."""
         train = self.train.predict(variables, ("features",))
         test = self.data.predict(variables, ("features",))
         labelled = train["label"] >= 0
@@ -112,18 +122,33 @@ class KnnEvaluator(EvaluatorFields):
             train["features"][labelled],
             train["label"][labelled],
             test["features"],
-            len(names),
+            len(self.class_names),
             self.k,
             self.temperature,
         )
         keep = (test["label"] >= 0).astype(np.float64)
-        return classification_metrics(
+        return Predictions(
             vote_log_shares(votes, self.k),
             np.maximum(test["label"], 0),
-            test["case_id"],
-            names,
             keep,
+            test["case_id"],
+            test["image_id"],
+            "multiclass",
+        )
+
+    def evaluate(self, variables: Mapping, step: int, fit: Predictions | None = None) -> EvalOutput:
+        """k-NN metrics of the evaluated split (with the clinical metrics).
+
+        Args:
+          variables: {'params', 'batch_stats'}; step: the training step.
+          fit: the predictions of the eval named by fit_on (run_evaluators passes them).
+        """
+        return classification.evaluate_predictions(
+            self.predict(variables),
+            self.class_names,
             (5,),
+            self.clinical,
             self.samples,
             self.seed,
+            fit,
         )

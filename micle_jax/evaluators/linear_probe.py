@@ -11,6 +11,11 @@ chosen, not published.
 
   config.evals.probe = dict(type='linear_probe', every_steps=1000,
       data=dict(source='records:data/demo/pneumoniamnist', split='test'))
+
+Its outputs are scored as a classification or multilabel eval's logits,
+with the same optional clinical fields (clinical.py): fit_on (another
+'linear_probe' eval, e.g. of the validation split), calibration,
+operating_points and subgroups.
 """
 
 from __future__ import annotations
@@ -24,13 +29,12 @@ import numpy as np
 import optax
 
 from micle_jax import losses, task
+from micle_jax.evaluators import classification, clinical, multilabel
 from micle_jax.evaluators.base import EvaluatorFields
-from micle_jax.evaluators.classification import classification_metrics
 from micle_jax.evaluators.eval_data import Context
-from micle_jax.evaluators.multilabel import multilabel_metrics
-from micle_jax.evaluators.outputs import EvalOutput
+from micle_jax.evaluators.outputs import EvalOutput, Predictions
 
-EXTRA_FIELDS = ("train_data", "l2", "steps", "bootstrap_samples")
+EXTRA_FIELDS = ("train_data", "l2", "steps", "bootstrap_samples", *clinical.EXTRA_FIELDS)
 # Gradient norm at which L-BFGS stops (float32: smaller is noise).
 GTOL = 1e-5
 
@@ -154,40 +158,39 @@ class LinearProbeEvaluator(EvaluatorFields):
         self.train = self.train_data(entry, ctx, task.LABEL_TYPES, "linear probe")
         self.l2 = float(entry.get("l2", 1e-4))
         self.steps = int(entry.get("steps", 300))
+        self.class_names = list(self.data.info.class_names)
+        self.multilabel = self.data.label_type == "multilabel"
+        self.clinical = clinical.ClinicalMetrics(name, entry, self.data, self.class_names)
+        self.fit_on = self.clinical.fit_on
 
-    def evaluate(self, variables: Mapping, step: int) -> EvalOutput:
-        """Fits on the train split's features, evaluates on `data`."""
-        names = list(self.data.info.class_names)
+    def predict(self, variables: Mapping) -> Predictions:
+        """The probe's logits on `data`, fitted on the train split's features."""
         train = self.train.predict(variables, ("features",))
         test = self.data.predict(variables, ("features",))
-        multilabel = self.data.label_type == "multilabel"
         logits = fit_linear_probe(
             train["features"],
             train["label"],
             test["features"],
-            len(names),
-            train.get("label_mask") if multilabel else None,
+            len(self.class_names),
+            train.get("label_mask") if self.multilabel else None,
             self.l2,
             self.steps,
         )
-        if multilabel:
-            return multilabel_metrics(
-                logits,
-                test["label"],
-                test["label_mask"],
-                test["case_id"],
-                names,
-                self.samples,
-                self.seed,
-            )
+        ids = test["case_id"], test["image_id"]
+        if self.multilabel:
+            return Predictions(logits, test["label"], test["label_mask"], *ids, "multilabel")
         keep = (test["label"] >= 0).astype(np.float64)
-        return classification_metrics(
-            logits,
-            np.maximum(test["label"], 0),
-            test["case_id"],
-            names,
-            keep,
-            (5,),
-            self.samples,
-            self.seed,
-        )
+        return Predictions(logits, np.maximum(test["label"], 0), keep, *ids, "multiclass")
+
+    def evaluate(self, variables: Mapping, step: int, fit: Predictions | None = None) -> EvalOutput:
+        """Fits on the train split's features, evaluates on `data` (with the clinical metrics).
+
+        Args:
+          variables: {'params', 'batch_stats'}; step: the training step.
+          fit: the predictions of the eval named by fit_on (run_evaluators passes them).
+        """
+        pred = self.predict(variables)
+        args = (self.clinical, self.samples, self.seed, fit)
+        if self.multilabel:
+            return multilabel.evaluate_predictions(pred, self.class_names, *args)
+        return classification.evaluate_predictions(pred, self.class_names, (5,), *args)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from micle_jax.evaluators import bootstrap, clinical, metric_set, metrics
+from micle_jax.evaluators import clinical, metrics
 from micle_jax.evaluators.base import EvaluatorFields
 from micle_jax.evaluators.eval_data import Context
 from micle_jax.evaluators.metric_set import MetricSet
@@ -70,46 +70,24 @@ def _check_defined(pred: Predictions) -> None:
         )
 
 
-def multilabel_metrics(
-    logits: np.ndarray,
-    targets: np.ndarray,
-    label_mask: np.ndarray,
-    case_ids: Sequence,
+def evaluate_predictions(
+    pred: Predictions,
     class_names: Sequence[str],
-    bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
-    seed: int = 0,
+    clinical_metrics: clinical.ClinicalMetrics,
+    samples: int,
+    seed: int,
+    fit: Predictions | None = None,
 ) -> EvalOutput:
-    """Per-class ROC AUC and their mean, with case-bootstrap intervals.
+    """Every multilabel eval's output: `multilabel_set` and the eval's clinical metrics.
 
-    Args:
-      logits: [n, classes] model outputs.
-      targets: [n, classes] in {0, 1}.
-      label_mask: [n, classes], 0 where the label is unknown.
-      case_ids: [n] case of each image.
-      class_names: [classes].
-      bootstrap_samples: resamples for the intervals (0: no intervals).
-      seed: for the resampling.
-
-    Returns:
-      metrics 'auc/<class>' for each class with both a positive and a
-      negative label, and 'auc_mean' (their mean; inside each bootstrap
-      sample, the mean of the classes defined in that sample).
+    The evaluators of logits (MultilabelEvaluator) and of frozen features
+    (linear_probe.py) share it; the arguments are classification.evaluate_predictions'.
     """
-    case_ids = np.asarray(case_ids, dtype=object)
-    pred = Predictions(
-        np.asarray(logits, np.float32),
-        np.asarray(targets),
-        np.asarray(label_mask),
-        case_ids,
-        case_ids,
-        "multilabel",
-    )
-    if len(class_names) != pred.logits.shape[1]:
-        raise ValueError(f"{len(class_names)} class names for {pred.logits.shape[1]} logits")
     _check_defined(pred)
     make_set = functools.partial(multilabel_set, class_names=class_names)
-    result = metric_set.evaluate(pred, make_set, bootstrap_samples, seed)
-    return EvalOutput(result, _artifacts(pred, class_names))
+    output = clinical_metrics.evaluate(pred, make_set, samples, seed, fit)
+    output.artifacts = {**_artifacts(pred, class_names), **output.artifacts}
+    return output
 
 
 class MultilabelEvaluator(EvaluatorFields):
@@ -132,15 +110,12 @@ class MultilabelEvaluator(EvaluatorFields):
         return Predictions(logits, targets, mask, pred["case_id"], pred["image_id"], "multilabel")
 
     def evaluate(self, variables: Mapping, step: int, fit: Predictions | None = None) -> EvalOutput:
-        """Predicts the split and computes the metrics (`multilabel_set`, clinical.py).
+        """Predicts the split and computes the metrics (`evaluate_predictions`).
 
         Args:
           variables: {'params', 'batch_stats'}; step: the training step.
           fit: the predictions of the eval named by fit_on (run_evaluators passes them).
         """
-        pred = self.predict(variables)
-        _check_defined(pred)
-        make_set = functools.partial(multilabel_set, class_names=self.class_names)
-        output = self.clinical.evaluate(pred, make_set, self.samples, self.seed, fit)
-        output.artifacts = {**_artifacts(pred, self.class_names), **output.artifacts}
-        return output
+        return evaluate_predictions(
+            self.predict(variables), self.class_names, self.clinical, self.samples, self.seed, fit
+        )
