@@ -7,11 +7,18 @@
 what changes with the trainer. Measurements are checked finite before every
 log line and every checkpoint (`drain_measurements`), so only finite states
 are ever saved; a non-finite loss stops the run with `NonFiniteLoss`.
+
+Every log line also has `data_wait_fraction` (`InputWait`): the share of the
+training time since the last line that the loop spent waiting for the input
+pipeline's next batch. Near 0 the steps are the bottleneck; near 1 the input
+pipeline is, and more input threads, `cache_decoded` or smaller stored
+images (convert --resize_longer_side) will speed training up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 import jax
@@ -101,11 +108,15 @@ def train(
     )
     preemption = Preemption(run.manager)
     pending, last = [], {}
+    input_wait = InputWait()
     step = int(jax.device_get(state.step))
     try:
         while step < total_steps:
+            start = time.perf_counter()
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding.host_to_global(next(batches), run.mesh)
+                host_batch = next(batches)
+                waited = time.perf_counter() - start
+                batch = sharding.host_to_global(host_batch, run.mesh)
                 state, measurements = train_step(state, batch)
             step += 1
             pending.append((step, measurements))
@@ -116,7 +127,10 @@ def train(
             if log_now or save_now:
                 summary = drain_measurements(pending, run.manager)
                 pending = []
+            input_wait.add(waited, time.perf_counter() - start)
+            if log_now or save_now:
                 if log_now:
+                    summary["data_wait_fraction"] = input_wait.take()
                     run.writer.write_scalars(step, summary)
                     last = summary
                     if on_log is not None:
@@ -148,6 +162,31 @@ def train(
         preemption.close()
         run.writer.flush()
     return state, step, last
+
+
+class InputWait:
+    """The share of the loop's training time spent waiting for the next batch.
+
+    Training time is the loop's iterations (batch, step dispatch, fetching the
+    logged measurements, which waits for the steps to finish), without the
+    checkpoint saves and periodic evals. The steps run asynchronously, so
+    waiting for a batch is time no step was queued: the input pipeline was
+    behind. The first interval includes the step's compilation.
+    """
+
+    def __init__(self):
+        self.waited = self.total = 0.0
+
+    def add(self, waited: float, total: float) -> None:
+        """One iteration: `waited` seconds for its batch, of `total` seconds."""
+        self.waited += waited
+        self.total += total
+
+    def take(self) -> float:
+        """The fraction since the last call (0 when nothing was timed); starts anew."""
+        fraction = self.waited / self.total if self.total > 0 else 0.0
+        self.waited = self.total = 0.0
+        return fraction
 
 
 def run_periodically(every: int, step: int, total: int) -> bool:
