@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import O0_FLAG
 
 from micle_jax import report
 from micle_jax.data import records
@@ -59,7 +60,9 @@ def check_pair_fractions(micle_log: str, simclr_log: str, expected: float) -> No
 @pytest.mark.slow
 def test_short_demo_end_to_end(tmp_path):
     root = tmp_path / "demo"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # The demo's runs execute more than they compile: XLA's default optimisation.
+    flags = os.environ["XLA_FLAGS"].replace(O0_FLAG, "")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     sweep = subprocess.run(
         [
             sys.executable,
