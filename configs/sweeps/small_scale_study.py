@@ -44,7 +44,8 @@ that stage), lrs (base learning rates of the fine-tuning grid, x batch/256:
 0.1+0.4), finetune_datasets (ham10000: the paper's dermatology setting;
 'ham10000+kermany' adds 18 runs, about 15 minutes), finetune_evals (3: how
 many validation evaluations each fine-tuning makes, which the best
-checkpoint is chosen from), batch (128 pre-training pairs).
+checkpoint is chosen from), batch (128 pre-training pairs), subgroups ('auto':
+the frozen-feature evaluations' config.clinical.subgroups; '' turns them off).
 """
 
 from launch.sweep_spec import Stage, product, select
@@ -84,6 +85,7 @@ def get_sweep(arg=None) -> list[Stage]:
         finetune_evals=3,
         lrs="0.1+0.4",
         batch=128,
+        subgroups="auto",
     )
     datasets = [d for d in a.datasets.split("+") if d]
     unknown = sorted(set(datasets) - set(DATASETS))
@@ -129,6 +131,7 @@ def get_sweep(arg=None) -> list[Stage]:
             **common,
             "label_fractions": tuple(_floats(a.fractions)),
             "data.cache_decoded": True,
+            "clinical.subgroups": a.subgroups,
         },
         depends_on=lambda p: (
             None if p["method"] == "random" else "pretrain_{dataset}_{method}_s{seed}".format(**p)
