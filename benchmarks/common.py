@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 
@@ -41,3 +43,34 @@ def build_step(arch: str, image_size: int, batch_size: int, dtype: str, probe: b
         mesh,
     )
     return step, state, batch
+
+
+def median_step_seconds(step, state, batch, steps: int):
+    """Median wall time of `steps` calls of step(state, batch), after one warm-up call.
+
+    Returns:
+      (seconds, the final state): the state is donated, so callers continue from it.
+    """
+    state, out = step(state, batch)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, out = step(state, batch)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), state
+
+
+def peak_bytes(compiled) -> float | None:
+    """XLA's memory analysis of a compiled step: arguments + outputs + temporaries -
+    aliased (donated) buffers; None where the backend has no analysis."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return float(
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )

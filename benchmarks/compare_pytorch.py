@@ -78,19 +78,11 @@ def _median_seconds(run_step, steps: int) -> float:
 def run_jax() -> dict:
     """micle_jax's trainer step (benchmarks/step_throughput.py's build_step)."""
     import jax
-    from common import build_step
+    from common import build_step, peak_bytes
 
     step, state, batch = build_step(_ARCH.value, _IMAGE_SIZE.value, _BATCH.value, "float32")
     compiled = step.lower(state, batch).compile()
-    memory = compiled.memory_analysis()
-    peak = None
-    if memory is not None:
-        peak = (
-            memory.argument_size_in_bytes
-            + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes
-            - memory.alias_size_in_bytes
-        )
+    peak = peak_bytes(compiled)
     holder = {"state": state}
 
     def one():

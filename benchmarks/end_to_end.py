@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 from absl import app, flags
@@ -35,7 +34,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax  # noqa: E402
-from common import build_step  # noqa: E402
+from common import build_step, median_step_seconds, peak_bytes  # noqa: E402
 
 from launch import sweep_spec  # noqa: E402
 
@@ -88,22 +87,8 @@ def reference(arch: str, image_size: int, batch: int) -> tuple[float, float]:
     """(views/s, peak step memory in bytes) of the step alone on random views."""
     step, state, inputs = build_step(arch, image_size, batch, "float32")
     compiled = step.lower(state, inputs).compile()
-    memory = compiled.memory_analysis()
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
-    state, out = compiled(state, inputs)  # warm-up
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(_REFERENCE_STEPS.value):
-        start = time.perf_counter()
-        state, out = compiled(state, inputs)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - start)
-    return 2 * batch / float(np.median(times)), float(peak)
+    seconds, _ = median_step_seconds(compiled, state, inputs, _REFERENCE_STEPS.value)
+    return 2 * batch / seconds, peak_bytes(compiled)
 
 
 def main(argv):

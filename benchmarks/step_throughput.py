@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build_step  # noqa: E402
+from common import build_step, median_step_seconds  # noqa: E402
 
 from micle_jax import models
 
@@ -71,15 +71,7 @@ def main(argv):
         return
     lowered.compile()
 
-    state, _ = step(state, batch)  # warm-up
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(_STEPS.value):
-        start = time.perf_counter()
-        state, measurements = step(state, batch)
-        jax.block_until_ready(measurements)
-        times.append(time.perf_counter() - start)
-    seconds = float(np.median(times))
+    seconds, state = median_step_seconds(step, state, batch, _STEPS.value)
     reference = matmul_flops_per_s(_MATMUL.value, _DTYPE.value)
     views = 2 * _BATCH.value / seconds
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")

@@ -128,13 +128,12 @@ def train(
                 summary = drain_measurements(pending, run.manager)
                 pending = []
             input_wait.add(waited, time.perf_counter() - start)
-            if log_now or save_now:
-                if log_now:
-                    summary["data_wait_fraction"] = input_wait.take()
-                    run.writer.write_scalars(step, summary)
-                    last = summary
-                    if on_log is not None:
-                        on_log(step, summary)
+            if log_now:
+                summary["data_wait_fraction"] = input_wait.take()
+                run.writer.write_scalars(step, summary)
+                last = summary
+                if on_log is not None:
+                    on_log(step, summary)
             if save_now:
                 checkpoint.save(run.manager, step, state, {**run.meta, "step": step})
             due = [
