@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from micle_jax.models import conv as conv_lib
+
 # depth: (block type, blocks per group), as SimCLR's resnet() table.
 DEPTHS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -107,6 +109,7 @@ class _Layers(nn.Module):
             kernel_init=conv_kernel_init,
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            conv_general_dilated=conv_lib.conv_general_dilated,  # patch matmuls on the CPU
             name=name,
         )
 

@@ -1,0 +1,184 @@
+"""The ResNets' convolution: XLA's own on GPUs and TPUs, mostly patch matmuls on the CPU.
+
+`conv_general_dilated` has `lax.conv_general_dilated`'s signature, so it
+plugs into `flax.linen.Conv(conv_general_dilated=...)` and leaves parameters
+and checkpoints as they are. Through `lax.platform_dependent`, a lowering for
+the CPU computes an NHWC x HWIO convolution as one matmul of its patches (the
+kh x kw shifted windows of the padded input side by side on the channel axis,
+[B * Ho * Wo, kh * kw * Cin] @ [kh * kw * Cin, Cout]) wherever that was
+measured faster (`_patch_matmul_faster`: 1x1 and strided convolutions, tiny
+maps, wide 16 px+ maps); every other platform, every other convolution and
+every convolution outside that form (dilations, feature groups, other
+layouts) gets `lax.conv_general_dilated` unchanged. An export lowered for
+several platforms carries both.
+
+Why on the CPU: XLA:CPU runs the ResNet's forward convolutions through
+XNNPACK, but the backward passes poorly. Where a 3x3 kernel meets a 2-4 px
+map (the last block groups at 64 px), XLA's algebraic simplifier swaps the
+input-gradient convolution's operands and the result falls back to XLA's
+naive loop emitter; kernel gradients go through layout transposes. On the
+2-core development machine a ResNet-50 1x SimCLR step at 64 px, 32 pairs,
+spent 6.2 s of 11.9 s in five such naive convolutions and 1.3 s in
+transposes. With patches where they win (autodiff makes them matmuls,
+slices and pads), measured in one process, alternating: that step 9.0 s ->
+1.9 s, the demo's ResNet-18 0.25x at 48 px, 128 pairs 634 -> 367 ms, a
+ResNet-50 at 224 px, 4 pairs 6.7 -> 3.1 s, the tests' ResNet-18 0.25x at
+32 px, 8 pairs 84 -> 79 ms (docs/performance.md), for up to 7% more peak
+memory (the patches kept for the backward pass).
+
+Numerics: the same products summed in another order, so results agree with
+XLA's convolution to float32 rounding (tests/test_conv.py), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+_XLA_ONLY = contextvars.ContextVar("micle_jax_xla_convolutions", default=False)
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Within it, models traced use XLA's convolution on the CPU too.
+
+    For a program compiled on the CPU that stands for an accelerator's
+    (micle_jax.plan's memory and FLOPs for a GPU or TPU slice).
+    """
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
+
+
+def patch_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
+    """An NHWC x HWIO convolution as a matmul of the input's patches.
+
+    Args:
+      lhs: [B, H, W, Cin] input.
+      rhs: [kh, kw, Cin, Cout] kernel.
+      window_strides: (sh, sw).
+      padding: ((top, bottom), (left, right)), non-negative.
+
+    Returns:
+      [B, Ho, Wo, Cout], Ho = (H + top + bottom - kh) // sh + 1 (likewise Wo),
+      what `lax.conv_general_dilated` returns for the same arguments.
+    """
+    kh, kw, cin, cout = rhs.shape
+    (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
+    if (top, bottom, left, right) != (0, 0, 0, 0):
+        lhs = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    batch, height, width, _ = lhs.shape
+    out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+    windows = [
+        lhs[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.concatenate(windows, axis=-1) if len(windows) > 1 else windows[0]
+    out = jnp.dot(
+        patches.reshape(batch * out_h * out_w, kh * kw * cin),
+        rhs.reshape(kh * kw * cin, cout),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return out.reshape(batch, out_h, out_w, cout)
+
+
+def _explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
+    """((top, bottom), (left, right)) from lax's padding: a string or pairs."""
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], window_strides, padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _patch_matmul_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
+    """Whether the convolution is one patch_matmul computes: 2-D NHWC x HWIO,
+    no dilation, one feature and batch group, no negative padding."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or groups != (1, 1):
+        return False
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        return False
+    if any(p < 0 for pair in padding for p in pair):
+        return False
+    return lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers
+    ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+
+
+def _patch_matmul_faster(lhs_shape, rhs_shape, window_strides) -> bool:
+    """Whether patches beat XLA:CPU's convolution, forward + backward, by measurement.
+
+    Measured on the 2-core machine (fwd + both gradients, batch 64, Cin =
+    Cout, patches / XLA time): 1x1 convolutions 0.15-0.35 (XLA transposes for
+    the kernel gradient); strided ones 0.05-1.1 (0.05 on 2-4 px maps, where XLA
+    falls back to its naive loops); stride-1 3x3 on maps under 4 px 0.05-0.45;
+    stride-1 3x3 on 4-8 px maps 0.8-1.7 and on 16 px maps with under 64
+    input channels 1.4-2.5 (the 9x patch copy outweighs the matmul's gain),
+    with 64 or more 0.7-0.85. The 7x7 stem 0.7-0.9.
+    """
+    kh, kw = rhs_shape[:2]
+    if (kh, kw) == (1, 1) or any(s > 1 for s in window_strides):
+        return True
+    side = min(lhs_shape[1:3])
+    return side < 4 or (side >= 16 and lhs_shape[3] >= 64)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """`lax.conv_general_dilated`, lowered to patch_matmul on the CPU where it applies."""
+    xla = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    if dimension_numbers is None or lhs.ndim != 4 or _XLA_ONLY.get():
+        return xla(lhs, rhs)
+    pads = _explicit_padding(lhs.shape, rhs.shape, tuple(window_strides), padding)
+    groups = (feature_group_count, batch_group_count)
+    if not _patch_matmul_applies(
+        lhs, rhs, pads, lhs_dilation, rhs_dilation, dimension_numbers, groups
+    ) or not _patch_matmul_faster(lhs.shape, rhs.shape, tuple(window_strides)):
+        return xla(lhs, rhs)
+    cpu = functools.partial(
+        patch_matmul,
+        window_strides=tuple(window_strides),
+        padding=pads,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)

@@ -1,0 +1,151 @@
+"""Tests for micle_jax/models/conv.py: patch matmuls equal XLA's convolution,
+values and gradients, and are what the CPU lowering of the ResNets runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+
+from micle_jax.models import conv, resnet
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla(x, k, strides, padding):
+    return lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=DN)
+
+
+def _inputs(shape, kernel_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        jnp.asarray(rng.normal(size=shape), jnp.float32),
+        jnp.asarray(
+            rng.normal(size=kernel_shape) / np.sqrt(np.prod(kernel_shape[:3])), jnp.float32
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,strides,padding",
+    [
+        ((2, 9, 7, 5), (3, 3, 5, 6), (1, 1), ((1, 1), (1, 1))),  # odd sizes
+        ((2, 9, 7, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1))),  # strided, SimCLR's fixed padding
+        ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),  # strided projection shortcut
+        ((2, 8, 8, 4), (1, 1, 4, 8), (1, 1), ((0, 0), (0, 0))),  # plain matmul
+        ((2, 11, 10, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),  # the stem
+        ((3, 2, 2, 6), (3, 3, 6, 5), (1, 1), ((1, 1), (1, 1))),  # kernel larger than the map
+        ((3, 1, 1, 6), (3, 3, 6, 5), (1, 1), ((1, 1), (1, 1))),  # 1x1 map (32 px, group 4)
+        ((2, 6, 5, 3), (2, 3, 3, 4), (1, 2), ((0, 1), (2, 0))),  # asymmetric everything
+        ((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), "SAME"),  # string padding
+    ],
+)
+def test_patch_matmul_equals_xla_convolution_and_its_gradients(shape, kernel, strides, padding):
+    x, k = _inputs(shape, kernel)
+    # A random cotangent: the gradients of <conv(x, k), t> with respect to x and k.
+    t = jnp.asarray(np.random.default_rng(1).normal(size=_xla(x, k, strides, padding).shape))
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(fn(x, k) * t)
+
+    pads = ((1, 1), (1, 1)) if padding == "SAME" else padding
+    ours = lambda x, k: conv.patch_matmul(x, k, strides, pads)  # noqa: E731
+    xla = lambda x, k: _xla(x, k, strides, padding)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(ours)(x, k), xla(x, k), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(loss(ours), (0, 1)))(x, k)
+    expected = jax.grad(loss(xla), (0, 1))(x, k)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _lowered(fn, *args, platforms=("cpu",)):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=platforms).as_text()
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,strides,patches",
+    [
+        ((2, 8, 8, 4), (1, 1, 4, 8), (1, 1), True),  # 1x1
+        ((2, 8, 8, 4), (3, 3, 4, 8), (2, 2), True),  # strided
+        ((2, 2, 2, 4), (3, 3, 4, 8), (1, 1), True),  # map under 4 px
+        ((2, 16, 16, 64), (3, 3, 64, 8), (1, 1), True),  # 16 px, 64 channels
+        ((2, 8, 8, 64), (3, 3, 64, 8), (1, 1), False),  # XLA's own is as fast
+        ((2, 16, 16, 16), (3, 3, 16, 8), (1, 1), False),  # few channels: patches cost more
+    ],
+)
+def test_cpu_lowering_is_patch_matmul_where_measured_faster(shape, kernel, strides, patches):
+    x, k = _inputs(shape, kernel)
+
+    def f(x, k):
+        return conv.conv_general_dilated(x, k, strides, ((1, 1), (1, 1)), dimension_numbers=DN)
+
+    grads = jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2), (0, 1))
+    assert ("convolution" not in _lowered(f, x, k)) == patches
+    assert ("convolution" not in _lowered(grads, x, k)) == patches
+    for platform in ("cuda", "tpu"):
+        assert "stablehlo.convolution" in _lowered(f, x, k, platforms=(platform,))
+    np.testing.assert_allclose(jax.jit(f)(x, k), _xla(x, k, strides, ((1, 1), (1, 1))), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rhs_dilation=(2, 2)),
+        dict(lhs_dilation=(2, 2)),
+        dict(feature_group_count=3, kernel=(3, 3, 1, 6)),
+        dict(padding=((-1, 0), (0, 0))),
+        dict(dimension_numbers=("NCHW", "OIHW", "NCHW"), shape=(2, 3, 6, 6), kernel=(4, 3, 3, 3)),
+    ],
+)
+def test_other_convolutions_stay_xla_convolutions(kwargs):
+    shape, kernel = kwargs.pop("shape", (2, 6, 6, 3)), kwargs.pop("kernel", (3, 3, 3, 4))
+    padding = kwargs.pop("padding", ((1, 1), (1, 1)))
+    dn = kwargs.pop("dimension_numbers", DN)
+    x, k = _inputs(shape, kernel)
+
+    def ours(x, k):
+        return conv.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn, **kwargs)
+
+    def xla(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn, **kwargs)
+
+    assert "stablehlo.convolution" in _lowered(ours, x, k)
+    np.testing.assert_array_equal(jax.jit(ours)(x, k), jax.jit(xla)(x, k))
+
+
+def test_resnet50_cpu_training_step_keeps_only_the_convolutions_xla_runs_well():
+    # ResNet-50 1x at 64 px: of its 53 convolutions only the stride-1 3x3 ones
+    # on 8 px (block group 2, blocks 2-4) and 4 px maps (group 3, blocks 2-6)
+    # stay XLA convolutions on the CPU, each with its two gradients; everywhere
+    # else (a GPU) all 53 are, with both gradients but the stem's input one.
+    model = resnet.ResNet(depth=50, width_multiplier=1)
+    images = jnp.zeros((2, 64, 64, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+
+    def loss(params, batch_stats, images):
+        out, _ = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(out**2)
+
+    args = (variables["params"], variables["batch_stats"], images)
+    cpu, cuda = (_lowered(jax.grad(loss), *args, platforms=(p,)) for p in ("cpu", "cuda"))
+    assert cpu.count("stablehlo.convolution") == 3 * (3 + 5)
+    assert cuda.count("stablehlo.convolution") == 3 * 53 - 1
+
+
+def test_flax_conv_with_patch_matmul_keeps_parameters_and_outputs():
+    x, _ = _inputs((2, 9, 9, 3), (3, 3, 3, 4))
+    plain = nn.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False)
+    ours = plain.clone(conv_general_dilated=conv.conv_general_dilated)
+    params = plain.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, params
+    )
+    np.testing.assert_allclose(
+        jax.jit(ours.apply)(params, x), plain.apply(params, x), rtol=1e-5, atol=1e-5
+    )
