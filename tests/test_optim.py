@@ -118,6 +118,50 @@ def test_lars_matches_simclr_update_rule(nesterov, head_excluded):
         assert not np.allclose(ref_params[key], start), key
 
 
+def test_lars_is_optax_lars_with_one_pass_per_norm():
+    # optim's LARS is optax.lars with its own trust ratio: the same state (old
+    # checkpoints restore), the same updates, but each norm computed once.
+    config = _config(trust_ratio_exclude=())
+    schedule = optim.make_schedule(config, total_steps=10, warmup_steps=3, global_batch_size=64)
+    ours = optim.make_optimizer(config, schedule)
+    reference = optax.lars(
+        schedule,
+        weight_decay=1e-4,
+        weight_decay_mask=optim.decay_mask,
+        trust_coefficient=1e-3,
+        eps=0.0,
+        trust_ratio_mask=optim.decay_mask,
+        momentum=0.9,
+        nesterov=False,
+    )
+    params = jax.tree.map(jnp.asarray, _params())
+    states = [ours.init(params), reference.init(params)]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        (u0, states[0]), (u1, states[1]) = (
+            jax.jit(tx.update)(grads, state, params)
+            for tx, state in zip((ours, reference), states, strict=True)
+        )
+        jax.tree.map(np.testing.assert_array_equal, u0, u1)
+        params = optax.apply_updates(params, u0)
+
+    def sqrts(tx):
+        # Each norm is one sqrt, nested jaxprs (jnp.linalg.norm's jit) included.
+        def count(jaxpr):
+            n = 0
+            for eqn in jaxpr.eqns:
+                n += eqn.primitive.name == "sqrt"
+                n += sum(count(p.jaxpr) for p in eqn.params.values() if hasattr(p, "jaxpr"))
+            return n
+
+        return count(jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr)
+
+    kernels = sum(jax.tree.leaves(optim.decay_mask(params)))
+    assert (sqrts(ours), sqrts(reference)) == (2 * kernels, 4 * kernels)
+
+
 def keras_sgd_step(params, grads, velocity, lr, momentum, nesterov):
     """NumPy transcription of Keras SGD, SimCLR's 'momentum' optimizer (tf2/model.py).
 
