@@ -4,6 +4,7 @@ Compiling is the cost here: the module compiles three steps (pre-training at
 8 and 16 pairs per device, fine-tuning at 8 images) and every test reads them.
 """
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -71,6 +72,31 @@ def plans():
 def finetune_plan():
     info = plan_step.label_info(3)
     return plan.make_plan(finetune_config(), devices=2, device_kind="h100", info=info)
+
+
+def test_the_plan_lowers_the_accelerators_convolutions(monkeypatch):
+    # On the CPU, models/conv.py lowers most convolutions to patch matmuls; a
+    # plan for an accelerator must compile XLA's convolutions, as it would run.
+    seen = []
+    real = plan.abstract_step
+
+    def spying(*args, **kwargs):
+        abstract = real(*args, **kwargs)
+        step = abstract.step
+
+        class Step:
+            def lower(self, *lower_args):
+                lowered = step.lower(*lower_args)
+                seen.append(lowered.as_text().count("stablehlo.convolution"))
+                return lowered
+
+        return dataclasses.replace(abstract, step=Step())
+
+    monkeypatch.setattr(plan, "abstract_step", spying)
+    info = plan_step.label_info(PROBE_CLASSES)
+    plan.make_plan(pretrain_config(16), devices=2, device_kind="h100", info=info)
+    # ResNet-18: 21 convolutions, each with its two gradients but the stem's input one.
+    assert seen == [3 * 21 - 1]
 
 
 def test_parameter_bytes_are_four_per_parameter(plans):
