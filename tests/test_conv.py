@@ -72,20 +72,25 @@ def _lowered(fn, *args, platforms=("cpu",)):
         ((2, 16, 16, 64), (3, 3, 64, 8), (1, 1), True),  # 16 px, 64 channels
         ((2, 8, 8, 64), (3, 3, 64, 8), (1, 1), False),  # XLA's own is as fast
         ((2, 16, 16, 16), (3, 3, 16, 8), (1, 1), False),  # few channels: patches cost more
+        ((2, 12, 12, 3), (7, 7, 3, 64), (2, 2), True),  # ResNet-50 1x stem
+        ((2, 12, 12, 3), (7, 7, 3, 16), (2, 2), False),  # narrow stem (0.25x): XLA's
     ],
 )
 def test_cpu_lowering_is_patch_matmul_where_measured_faster(shape, kernel, strides, patches):
     x, k = _inputs(shape, kernel)
 
+    pad = (kernel[0] - 1) // 2
+    pads = ((pad, pad), (pad, pad))
+
     def f(x, k):
-        return conv.conv_general_dilated(x, k, strides, ((1, 1), (1, 1)), dimension_numbers=DN)
+        return conv.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN)
 
     grads = jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2), (0, 1))
     assert ("convolution" not in _lowered(f, x, k)) == patches
     assert ("convolution" not in _lowered(grads, x, k)) == patches
     for platform in ("cuda", "tpu"):
         assert "stablehlo.convolution" in _lowered(f, x, k, platforms=(platform,))
-    np.testing.assert_allclose(jax.jit(f)(x, k), _xla(x, k, strides, ((1, 1), (1, 1))), 1e-5, 1e-5)
+    np.testing.assert_allclose(jax.jit(f)(x, k), _xla(x, k, strides, pads), 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ the CPU computes an NHWC x HWIO convolution as one matmul of its patches (the
 kh x kw shifted windows of the padded input side by side on the channel axis,
 [B * Ho * Wo, kh * kw * Cin] @ [kh * kw * Cin, Cout]) wherever that was
 measured faster (`_patch_matmul_faster`: 1x1 and strided convolutions, tiny
-maps, wide 16 px+ maps); every other platform, every other convolution and
+maps, wide 16 px+ maps, a stem with 64+ outputs); every other platform, every other convolution and
 every convolution outside that form (dilations, feature groups, other
 layouts) gets `lax.conv_general_dilated` unchanged. An export lowered for
 several platforms carries both.
@@ -20,11 +20,12 @@ naive loop emitter; kernel gradients go through layout transposes. On the
 2-core development machine a ResNet-50 1x SimCLR step at 64 px, 32 pairs,
 spent 6.2 s of 11.9 s in five such naive convolutions and 1.3 s in
 transposes. With patches where they win (autodiff makes them matmuls,
-slices and pads), measured in one process, alternating: that step 9.0 s ->
-1.9 s, the demo's ResNet-18 0.25x at 48 px, 128 pairs 634 -> 367 ms, a
-ResNet-50 at 224 px, 4 pairs 6.7 -> 3.1 s, the tests' ResNet-18 0.25x at
-32 px, 8 pairs 84 -> 79 ms (docs/performance.md), for up to 7% more peak
-memory (the patches kept for the backward pass).
+slices and pads), `benchmarks/cpu_convolutions.py` (one process, the two
+variants alternating; LARS as in optim.py in both): that step 9.6 -> 2.0 s
+(4.7x), the demo's ResNet-18 0.25x at 48 px, 128 pairs 584 -> 336 ms
+(1.7x), the tests' ResNet-18 0.25x at 32 px, 8 pairs 0.96-1.01x, for
+7-29% more peak memory (the patches kept for the backward pass;
+docs/performance.md).
 
 Numerics: the same products summed in another order, so results agree with
 XLA's convolution to float32 rounding (tests/test_conv.py), not bit for bit.
@@ -131,9 +132,14 @@ def _patch_matmul_faster(lhs_shape, rhs_shape, window_strides) -> bool:
     falls back to its naive loops); stride-1 3x3 on maps under 4 px 0.05-0.45;
     stride-1 3x3 on 4-8 px maps 0.8-1.7 and on 16 px maps with under 64
     input channels 1.4-2.5 (the 9x patch copy outweighs the matmul's gain),
-    with 64 or more 0.7-0.85. The 7x7 stem 0.7-0.9.
+    with 64 or more 0.7-0.85. The 7x7 stride-2 stem on 3 channels (kernel
+    gradient only, as in training): 0.68 with 64 outputs (R50 1x, 64 px),
+    1.9 with 16 (R18 0.25x, 48 px, 256 views), whose patch copy (49 windows
+    of 3 channels) costs more than the small matmul saves.
     """
     kh, kw = rhs_shape[:2]
+    if max(kh, kw) > 3:  # the 7x7 stem: the patch copy pays for wide outputs only
+        return rhs_shape[3] >= 64
     if (kh, kw) == (1, 1) or any(s > 1 for s in window_strides):
         return True
     side = min(lhs_shape[1:3])
