@@ -7,8 +7,10 @@ r"""The SimCLR training step in micle_jax and in PyTorch, side by side on one ma
 `pip install torch --index-url https://download.pytorch.org/whl/cpu`;
 `--torch_python` runs the PyTorch side in another environment.)
 
-The same step in both: a ResNet of the same depth (torchvision's, width 1)
-with SimCLR v2's 3-layer projection head (Dense without bias, BatchNorm,
+The same step in both: the same ResNet (micle_jax's; in PyTorch torchvision's
+BasicBlock / Bottleneck in SimCLR's layout at the same depth and width, which
+for r50x1 is torchvision's resnet50 without its fc layer; both sides print
+their parameter counts) with SimCLR v2's 3-layer projection head (Dense without bias, BatchNorm,
 ReLU; the last BatchNorm without beta; 128 outputs), NT-Xent over the
 2 x batch views at temperature 0.1, forward and backward of both views and
 an optimizer update (micle_jax: its LARS; PyTorch: SGD with momentum 0.9),
@@ -21,8 +23,8 @@ Printed: each round's views/s, the medians, micle_jax's peak step memory
 temporaries) and PyTorch's peak resident memory, and last
 `ratio micle_jax/pytorch: X.XX` (above 1: micle_jax is faster).
 
-Only width-1 ResNets (r18x1, r34x1, r50x1, r101x1, r152x1): torchvision has
-no width multiplier, so the demo's r18x0.25 has no torchvision twin.
+Any r<depth>x<width> without selective kernels: r50x1 at 64 px and 32 pairs
+(the issue's figure), the demo's r18x0.25 at 48 px and 128 pairs.
 """
 
 from __future__ import annotations
@@ -41,29 +43,38 @@ from absl import app, flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-_ARCH = flags.DEFINE_string("arch", "r50x1", "r18x1 | r34x1 | r50x1 | r101x1 | r152x1")
+_ARCH = flags.DEFINE_string("arch", "r50x1", "r<depth>x<width>: r50x1, r18x0.25, ...")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "View size in pixels.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Pairs per step (2 x batch views).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round (after 2 warm-up steps).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of each side.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
+_CIFAR_STEM = flags.DEFINE_bool("cifar_stem", False, "Internal: the side's stem (parent's rule).")
 _SIDE = flags.DEFINE_enum("side", "", ["", "jax", "torch"], "Internal: run one side and print.")
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python", sys.executable, "Python with torch, torchvision, numpy and absl-py installed"
 )
 
 RESULT = "RESULT "  # the child's last line: RESULT {json}
-DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
+# Blocks per group, as SimCLR's resnet() table (micle_jax/models/resnet.py DEPTHS).
+BLOCKS = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
 
 
-def _depth() -> int:
-    match = re.fullmatch(r"r(\d+)x1", _ARCH.value)
-    if not match or int(match.group(1)) not in DEPTHS:
+def _depth_width() -> tuple[int, float]:
+    match = re.fullmatch(r"r(\d+)x(\d+(?:\.\d+)?)", _ARCH.value)
+    if not match or int(match.group(1)) not in BLOCKS:
         raise app.UsageError(
-            f"--arch={_ARCH.value!r}: torchvision has width-1 ResNets only; use one of "
-            f"{', '.join(f'r{d}x1' for d in DEPTHS)}"
+            f"--arch={_ARCH.value!r}: use r<depth>x<width> with depth one of "
+            f"{', '.join(map(str, BLOCKS))} (e.g. r50x1, r18x0.25); selective kernels "
+            "have no torchvision twin"
         )
-    return int(match.group(1))
+    return int(match.group(1)), float(match.group(2))
 
 
 def _median_seconds(run_step, steps: int) -> float:
@@ -80,7 +91,10 @@ def run_jax() -> dict:
     import jax
     from common import build_step, peak_bytes
 
+    from micle_jax import models
+
     step, state, batch = build_step(_ARCH.value, _IMAGE_SIZE.value, _BATCH.value, "float32")
+    params = models.count_params(state.params)
     compiled = step.lower(state, batch).compile()
     peak = peak_bytes(compiled)
     holder = {"state": state}
@@ -92,7 +106,42 @@ def run_jax() -> dict:
     for _ in range(2):
         one()
     seconds = _median_seconds(one, _STEPS.value)
-    return {"seconds": seconds, "peak_bytes": peak, "threads": os.cpu_count()}
+    return {"seconds": seconds, "peak_bytes": peak, "params": params}
+
+
+def _torch_backbone(nn, tv_resnet, cifar_stem: bool):
+    """torchvision's BasicBlock / Bottleneck in SimCLR's layout (micle_jax's ResNet).
+
+    base = int(64 * width) channels after the stem; a projection shortcut in
+    the first block of every block group (also in group 1 of ResNet-18/34,
+    where torchvision's own resnet18 has none); SimCLR's stem rule (a 3x3
+    stride-1 stem without max-pool at 32 px or less). For r50x1 and deeper
+    width-1 networks this is torchvision's resnet50 etc. without its fc layer.
+
+    Returns:
+      (module: images -> pooled features, feature width).
+    """
+    depth, width = _depth_width()
+    block = tv_resnet.BasicBlock if depth < 50 else tv_resnet.Bottleneck
+    base = int(64 * width)
+    if cifar_stem:
+        stem = [nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU()]
+    else:
+        stem = [nn.Conv2d(3, base, 7, 2, 3, bias=False), nn.BatchNorm2d(base), nn.ReLU()]
+        stem.append(nn.MaxPool2d(3, 2, 1))
+    blocks, inplanes = [], base
+    for group, count in enumerate(BLOCKS[depth]):
+        planes, stride = base * 2**group, 1 if group == 0 else 2
+        for i in range(count):
+            projection = None
+            if i == 0:
+                out = planes * block.expansion
+                projection = nn.Sequential(
+                    tv_resnet.conv1x1(inplanes, out, stride), nn.BatchNorm2d(out)
+                )
+            blocks.append(block(inplanes, planes, stride if i == 0 else 1, projection))
+            inplanes = planes * block.expansion
+    return nn.Sequential(*stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten()), inplanes
 
 
 def run_torch() -> dict:
@@ -117,9 +166,7 @@ def run_torch() -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    backbone = getattr(torchvision.models, DEPTHS[_depth()])(weights=None)
-    width = backbone.fc.in_features
-    backbone.fc = nn.Identity()
+    backbone, width = _torch_backbone(nn, torchvision.models.resnet, _CIFAR_STEM.value)
     head = nn.Sequential(
         nn.Linear(width, width, bias=False),
         nn.BatchNorm1d(width, eps=1e-5, momentum=0.1),
@@ -157,6 +204,7 @@ def run_torch() -> dict:
         "peak_rss_bytes": peak_kib * 1024,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
 
@@ -165,6 +213,7 @@ def _child(side: str) -> dict:
     argv = [python, os.path.abspath(__file__), f"--side={side}"]
     argv += [f"--{f}={getattr(flags.FLAGS, f)}" for f in ("arch", "image_size", "batch", "steps")]
     argv.append(f"--temperature={_TEMPERATURE.value}")
+    argv.append(f"--cifar_stem={_CIFAR_STEM.value}")
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
@@ -175,15 +224,20 @@ def _child(side: str) -> dict:
 
 def main(argv):
     del argv
-    _depth()
+    _depth_width()
     if _SIDE.value:
         result = run_jax() if _SIDE.value == "jax" else run_torch()
         print(RESULT + json.dumps(result), flush=True)
         return
+    from micle_jax.models import resnet
+
+    size = _IMAGE_SIZE.value
+    flags.FLAGS.cifar_stem = resnet.uses_cifar_stem(None, (1, size, size, 3))
     views = 2 * _BATCH.value
     print(
-        f"machine: {os.cpu_count()} CPUs; {_ARCH.value}, {_IMAGE_SIZE.value} px, "
-        f"{_BATCH.value} pairs ({views} views), float32, {_STEPS.value} timed steps per round"
+        f"machine: {os.cpu_count()} CPUs; {_ARCH.value}, {size} px "
+        f"({'CIFAR' if _CIFAR_STEM.value else 'ImageNet'} stem), {_BATCH.value} pairs "
+        f"({views} views), float32, {_STEPS.value} timed steps per round"
     )
     rates = {"jax": [], "torch": []}
     last = {}
@@ -208,6 +262,7 @@ def main(argv):
         f"pytorch {last['torch']['torch']}: {torch_rate:.1f} views/s (median of "
         f"{_ROUNDS.value}), peak resident memory {last['torch']['peak_rss_bytes'] / 2**20:.0f} MiB"
     )
+    print(f"parameters: micle_jax {last['jax']['params']:,}, pytorch {last['torch']['params']:,}")
     print(f"ratio micle_jax/pytorch: {jax_rate / torch_rate:.2f}")
 
 
