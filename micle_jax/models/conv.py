@@ -49,16 +49,24 @@ _XLA_ONLY = contextvars.ContextVar("micle_jax_xla_convolutions", default=False)
 
 @contextlib.contextmanager
 def xla_convolutions() -> Iterator[None]:
-    """Within it, models traced use XLA's convolution on the CPU too.
+    """Within it, models traced use XLA's convolution (and max-pool) on the CPU too.
 
     For a program compiled on the CPU that stands for an accelerator's
-    (micle_jax.plan's memory and FLOPs for a GPU or TPU slice).
+    (micle_jax.plan's memory and FLOPs for a GPU or TPU slice). The choice is
+    made when a function is traced, and jit's trace cache does not see this
+    context: lower a step function built anew inside it, not a jitted one
+    already traced outside it (which keeps its first trace, either way).
     """
     token = _XLA_ONLY.set(True)
     try:
         yield
     finally:
         _XLA_ONLY.reset(token)
+
+
+def xla_only() -> bool:
+    """Whether a model traced now is the accelerator's program (inside xla_convolutions)."""
+    return _XLA_ONLY.get()
 
 
 def patch_matmul(
@@ -172,7 +180,7 @@ def conv_general_dilated(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    if dimension_numbers is None or lhs.ndim != 4 or _XLA_ONLY.get():
+    if dimension_numbers is None or lhs.ndim != 4 or xla_only():
         return xla(lhs, rhs)
     pads = _explicit_padding(lhs.shape, rhs.shape, tuple(window_strides), padding)
     groups = (feature_group_count, batch_group_count)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from micle_jax.models import conv as conv_lib
+from micle_jax.models import pool
 
 # depth: (block type, blocks per group), as SimCLR's resnet() table.
 DEPTHS = {
@@ -247,7 +248,7 @@ class Stem(_Layers):
         else:
             x = self.conv(self.features, 7, 2, name="conv1")(x)
             x = nn.relu(self.norm(train, name="bn1")(x))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        return pool.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
 
 
 class BlockGroup(_Layers):
