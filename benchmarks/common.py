@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from micle_jax import config_lib, models, optim, recipes, sharding
@@ -74,3 +75,22 @@ def peak_bytes(compiled) -> float | None:
         + memory.temp_size_in_bytes
         - memory.alias_size_in_bytes
     )
+
+
+def time_fn(fn, *args, repeats: int) -> float:
+    """Median wall seconds of fn(*args) (blocked until ready) over `repeats` calls."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_flops_per_s(n: int, dtype: str) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    seconds = time_fn(jax.jit(jnp.matmul), a, b, repeats=5)
+    return 2 * n**3 / seconds

@@ -25,6 +25,13 @@ temporaries) and PyTorch's peak resident memory, and last
 
 Any r<depth>x<width> without selective kernels: r50x1 at 64 px and 32 pairs
 (the issue's figure), the demo's r18x0.25 at 48 px and 128 pairs.
+
+On a GPU (`--device=gpu`, what benchmarks/gpu_check.sh runs): `--dtype=bfloat16`
+is micle_jax's bfloat16 compute dtype and PyTorch's bf16 autocast,
+`--channels_last` and `--torch_compile` PyTorch's fast paths. `--matmul_size=N`
+also times an N^3 matmul in the dtype with JAX on the same device and prints,
+for each side, the step's FLOP rate (XLA's count of the lowered step, the same
+model on both sides) as a fraction of that matmul rate.
 """
 
 from __future__ import annotations
@@ -49,6 +56,15 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Pairs per step (2 x batch views).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round (after 2 warm-up steps).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of each side.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
+_DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where both sides run.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (PyTorch: autocast)."
+)
+_CHANNELS_LAST = flags.DEFINE_bool("channels_last", False, "PyTorch: NHWC memory format.")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "PyTorch: torch.compile the model.")
+_MATMUL = flags.DEFINE_integer(
+    "matmul_size", 0, "Also time an N^3 matmul in the dtype (JAX) and print fractions of it."
+)
 _CIFAR_STEM = flags.DEFINE_bool("cifar_stem", False, "Internal: the side's stem (parent's rule).")
 _SIDE = flags.DEFINE_enum("side", "", ["", "jax", "torch"], "Internal: run one side and print.")
 _TORCH_PYTHON = flags.DEFINE_string(
@@ -89,13 +105,16 @@ def _median_seconds(run_step, steps: int) -> float:
 def run_jax() -> dict:
     """micle_jax's trainer step (benchmarks/step_throughput.py's build_step)."""
     import jax
-    from common import build_step, peak_bytes
+    from common import build_step, matmul_flops_per_s, peak_bytes
 
     from micle_jax import models
+    from micle_jax.models import conv
 
-    step, state, batch = build_step(_ARCH.value, _IMAGE_SIZE.value, _BATCH.value, "float32")
+    args = (_ARCH.value, _IMAGE_SIZE.value, _BATCH.value, _DTYPE.value)
+    step, state, batch = build_step(*args)
     params = models.count_params(state.params)
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     peak = peak_bytes(compiled)
     holder = {"state": state}
 
@@ -106,7 +125,24 @@ def run_jax() -> dict:
     for _ in range(2):
         one()
     seconds = _median_seconds(one, _STEPS.value)
-    return {"seconds": seconds, "peak_bytes": peak, "params": params}
+    result = {
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "params": params,
+        "device": jax.devices()[0].device_kind,
+    }
+    if _MATMUL.value:
+        if jax.default_backend() == "cpu":
+            # The network's FLOPs are its convolutions', not those of the CPU's patch
+            # matmuls (which multiply padding too): a step built anew, since jit
+            # would reuse the trace above.
+            with conv.xla_convolutions():
+                counted, counted_state, counted_batch = build_step(*args)
+                lowered = counted.lower(counted_state, counted_batch)
+        cost = lowered.cost_analysis()
+        result["flops"] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+        result["matmul_flops_per_s"] = matmul_flops_per_s(_MATMUL.value, _DTYPE.value)
+    return result
 
 
 def _torch_backbone(nn, tv_resnet, cifar_stem: bool):
@@ -166,6 +202,9 @@ def run_torch() -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
+    device = torch.device("cuda" if _DEVICE.value == "gpu" else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device=gpu: this PyTorch sees no CUDA device")
     backbone, width = _torch_backbone(nn, torchvision.models.resnet, _CIFAR_STEM.value)
     head = nn.Sequential(
         nn.Linear(width, width, bias=False),
@@ -178,22 +217,30 @@ def run_torch() -> dict:
         nn.BatchNorm1d(128, eps=1e-5, momentum=0.1, affine=True),
     )
     head[-1].bias.requires_grad_(False)  # SimCLR: the last BatchNorm has no beta
-    model = nn.Sequential(backbone, head).train()
+    memory_format = torch.channels_last if _CHANNELS_LAST.value else torch.contiguous_format
+    model = nn.Sequential(backbone, head).train().to(device, memory_format=memory_format)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    forward = torch.compile(model) if _TORCH_COMPILE.value else model
     rng = np.random.default_rng(0)
     shape = (2 * _BATCH.value, 3, _IMAGE_SIZE.value, _IMAGE_SIZE.value)
     views = torch.from_numpy(rng.random(shape, dtype=np.float32))
+    views = views.to(device).contiguous(memory_format=memory_format)
     n = _BATCH.value
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
-    self_mask = torch.eye(2 * n, dtype=torch.bool)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(device)
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=device)
+    autocast = _DTYPE.value == "bfloat16"
 
     def one():
         optimizer.zero_grad(set_to_none=True)
-        z = nn.functional.normalize(model(views), dim=1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            z = nn.functional.normalize(forward(views).float(), dim=1)
         logits = (z @ z.T / _TEMPERATURE.value).masked_fill(self_mask, float("-inf"))
         loss = nn.functional.cross_entropy(logits, targets)
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     for _ in range(2):
         one()
@@ -202,19 +249,21 @@ def run_torch() -> dict:
     return {
         "seconds": seconds,
         "peak_rss_bytes": peak_kib * 1024,
+        "peak_device_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda" else None),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": params,
     }
 
 
 def _child(side: str) -> dict:
     python = _TORCH_PYTHON.value if side == "torch" else sys.executable
     argv = [python, os.path.abspath(__file__), f"--side={side}"]
-    argv += [f"--{f}={getattr(flags.FLAGS, f)}" for f in ("arch", "image_size", "batch", "steps")]
-    argv.append(f"--temperature={_TEMPERATURE.value}")
-    argv.append(f"--cifar_stem={_CIFAR_STEM.value}")
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    names = ("arch", "image_size", "batch", "steps", "temperature", "cifar_stem", "device", "dtype")
+    names += ("channels_last", "torch_compile", "matmul_size")
+    argv += [f"--{f}={getattr(flags.FLAGS, f)}" for f in names]
+    platform = "cuda" if _DEVICE.value == "gpu" else "cpu"
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", platform)}
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
@@ -234,10 +283,19 @@ def main(argv):
     size = _IMAGE_SIZE.value
     flags.FLAGS.cifar_stem = resnet.uses_cifar_stem(None, (1, size, size, 3))
     views = 2 * _BATCH.value
+    torch_options = [
+        name
+        for name, on in (
+            ("channels_last", _CHANNELS_LAST.value),
+            ("torch.compile", _TORCH_COMPILE.value),
+        )
+        if on
+    ]
     print(
-        f"machine: {os.cpu_count()} CPUs; {_ARCH.value}, {size} px "
+        f"machine: {os.cpu_count()} CPUs, --device={_DEVICE.value}; {_ARCH.value}, {size} px "
         f"({'CIFAR' if _CIFAR_STEM.value else 'ImageNet'} stem), {_BATCH.value} pairs "
-        f"({views} views), float32, {_STEPS.value} timed steps per round"
+        f"({views} views), {_DTYPE.value}, {_STEPS.value} timed steps per round; pytorch "
+        f"{' + '.join(torch_options) or 'eager, contiguous'}"
     )
     rates = {"jax": [], "torch": []}
     last = {}
@@ -251,18 +309,35 @@ def main(argv):
             flush=True,
         )
     jax_rate, torch_rate = float(np.median(rates["jax"])), float(np.median(rates["torch"]))
-    peak = last["jax"]["peak_bytes"]
+    jax_last, torch_last = last["jax"], last["torch"]
+    peak = jax_last["peak_bytes"]
     print(
-        f"micle_jax: {jax_rate:.1f} views/s (median of {_ROUNDS.value}), step memory "
-        f"{peak / 2**20:.0f} MiB (XLA memory analysis)"
-        if peak is not None
-        else f"micle_jax: {jax_rate:.1f} views/s (median of {_ROUNDS.value})"
+        f"micle_jax on {jax_last['device']}: {jax_rate:.1f} views/s (median of {_ROUNDS.value})"
+        + (f", step memory {peak / 2**20:.0f} MiB (XLA memory analysis)" if peak else "")
     )
+    torch_peak = torch_last["peak_device_bytes"]
     print(
-        f"pytorch {last['torch']['torch']}: {torch_rate:.1f} views/s (median of "
-        f"{_ROUNDS.value}), peak resident memory {last['torch']['peak_rss_bytes'] / 2**20:.0f} MiB"
+        f"pytorch {torch_last['torch']}: {torch_rate:.1f} views/s (median of {_ROUNDS.value}), "
+        + (
+            f"peak device memory {torch_peak / 2**20:.0f} MiB (max_memory_allocated)"
+            if torch_peak
+            else f"peak resident memory {torch_last['peak_rss_bytes'] / 2**20:.0f} MiB"
+        )
     )
-    print(f"parameters: micle_jax {last['jax']['params']:,}, pytorch {last['torch']['params']:,}")
+    print(f"parameters: micle_jax {jax_last['params']:,}, pytorch {torch_last['params']:,}")
+    if _MATMUL.value:
+        # Both sides train the same network: XLA's FLOP count of the lowered step.
+        reference, flops = jax_last["matmul_flops_per_s"], jax_last["flops"]
+        print(
+            f"step FLOPs (XLA cost analysis, lowered): {flops / 1e9:.2f} GFLOP; "
+            f"reference {_MATMUL.value}^3 {_DTYPE.value} matmul: {reference / 1e12:.2f} TFLOP/s"
+        )
+        for name, rate in (("micle_jax", jax_rate), ("pytorch", torch_rate)):
+            achieved = flops * rate / views
+            print(
+                f"{name}: {achieved / 1e12:.3f} TFLOP/s, fraction of the matmul rate "
+                f"{achieved / reference:.3f}"
+            )
     print(f"ratio micle_jax/pytorch: {jax_rate / torch_rate:.2f}")
 
 

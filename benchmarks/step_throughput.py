@@ -19,15 +19,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build_step, median_step_seconds  # noqa: E402
+from common import build_step, matmul_flops_per_s, median_step_seconds  # noqa: E402
 
 from micle_jax import models
 from micle_jax.models import conv
@@ -39,25 +36,6 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step)
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Reference matmul is N x N x N.")
 _COUNT_ONLY = flags.DEFINE_bool("count_only", False, "Print the step's FLOPs and stop.")
-
-
-def time_fn(fn, *args, repeats: int) -> float:
-    """Median wall seconds of fn(*args) (blocked until ready) over `repeats` calls."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def matmul_flops_per_s(n: int, dtype: str) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    seconds = time_fn(jax.jit(jnp.matmul), a, b, repeats=5)
-    return 2 * n**3 / seconds
 
 
 def main(argv):
