@@ -79,6 +79,7 @@ DATA_DEFAULTS = dict(
     # same total_epochs is the same steps and views for both.
     epoch_unit="images",
     num_parallel_calls=-1,  # tf.data.AUTOTUNE
+    prefetch_batches=-1,  # tf.data.AUTOTUNE; > 0: a fixed depth (the demo's 16)
 )
 
 # A field a block must set: it has no default.

@@ -5,6 +5,7 @@ import itertools
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 from fixtures import tiny_records
 
 from micle_jax import recipes
@@ -441,3 +442,28 @@ def test_unknown_augment_policy_is_a_clear_error(tmp_path):
     rgb_record_set(path)
     with pytest.raises(ValueError, match="unknown augment policy 'simclrr'.*'auto'.*simclr"):
         pipeline.open_data(medical_data(path, augment="simclrr"), seed=0)
+
+
+def _prefetch_depth(ds) -> int:
+    """The buffer size of the last prefetch in a dataset's chain (-1: AUTOTUNE)."""
+    while not isinstance(ds, tf.data.Dataset) or type(ds).__name__ != "_PrefetchDataset":
+        ds = ds._input_dataset
+    return int(ds._buffer_size)
+
+
+@pytest.mark.parametrize("mode", ["simclr", "supervised"])
+def test_prefetch_batches_is_the_training_streams_look_ahead(mode):
+    data = pipeline.open_data(data_config(), seed=0)
+    assert _prefetch_depth(data.dataset(mode, 2)) == tf.data.AUTOTUNE  # the default
+    data = pipeline.open_data(data_config(prefetch_batches=16), seed=0)
+    deep = data.dataset(mode, 2)
+    assert _prefetch_depth(deep) == 16
+    # Look-ahead changes when batches are made, never which: the same stream.
+    shallow = pipeline.open_data(data_config(), seed=0).dataset(mode, 2)
+    assert_same_batches(
+        list(itertools.islice(deep.as_numpy_iterator(), 3)),
+        list(itertools.islice(shallow.as_numpy_iterator(), 3)),
+    )
+    for bad in (0, -2, 2.5, "16", True):
+        with pytest.raises(ValueError, match=r"data.prefetch_batches=.*-1 \(AUTOTUNE\) or"):
+            pipeline.open_data(data_config(prefetch_batches=bad), seed=0)

@@ -93,7 +93,11 @@ def get_sweep(arg=None) -> list[Stage]:
         raise ValueError(f"datasets={a.datasets!r}: accepted: {'+'.join(DATASETS)}")
     seeds = list(range(a.seeds))
     records = {d: DATASETS[d][0] for d in datasets}
-    common = {"data.image_size": IMAGE_SIZE}
+    # A fixed look-ahead of 16 training batches (7 MiB each at 48 px, 128 pairs), filled
+    # while the step compiles: tf.data's AUTOTUNE starts shallow, and on a CPU, where
+    # the pipeline shares the cores with the step, the first ~30 steps waited for data
+    # 10-25% of the time (benchmarks/end_to_end.py; docs/performance.md).
+    common = {"data.image_size": IMAGE_SIZE, "data.prefetch_batches": 16}
 
     pretrain = Stage(
         name="pretrain",

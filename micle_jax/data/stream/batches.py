@@ -137,7 +137,7 @@ def build(
         batch,
         start_step,
     )
-    ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True).prefetch(cfg["prefetch_batches"])
     return ds.with_options(_options())
 
 

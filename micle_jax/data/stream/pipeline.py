@@ -32,6 +32,12 @@ config_lib.DATA_DEFAULTS):
   label_fraction    'supervised': keep this fraction of the training cases (fractions.py)
   epoch_unit        what a pre-training epoch counts (pairs_per_epoch): 'images' or 'cases'
   num_parallel_calls  tf.data parallelism (-1 = AUTOTUNE)
+  prefetch_batches  training batches prepared ahead of the step (-1 = AUTOTUNE). AUTOTUNE
+                    starts shallow and deepens when the consumer waits, so where the
+                    pipeline shares the cores with the step (a CPU run) the first tens of
+                    steps wait for data; a fixed depth fills while the step compiles and
+                    hides that, for depth x batch bytes of host memory (the demo: 16 x
+                    7 MiB; benchmarks/end_to_end.py)
 """
 
 from __future__ import annotations
@@ -264,6 +270,11 @@ def _config(data_config) -> dict:
     calls = cfg["num_parallel_calls"]
     if not isinstance(calls, int) or not (calls == tf.data.AUTOTUNE or calls >= 1):
         raise ValueError(f"data.num_parallel_calls={calls!r} must be -1 (AUTOTUNE) or >= 1")
+    depth = cfg["prefetch_batches"]
+    if not isinstance(depth, int) or isinstance(depth, bool) or not (depth == -1 or depth >= 1):
+        raise ValueError(
+            f"data.prefetch_batches={depth!r} must be -1 (AUTOTUNE) or a number of batches >= 1"
+        )
     if not isinstance(cfg["cache_decoded"], bool):
         raise ValueError(f"data.cache_decoded={cfg['cache_decoded']!r} must be True or False")
     name = cfg["augment"]
