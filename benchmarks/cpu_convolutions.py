@@ -1,15 +1,17 @@
-r"""The training step with XLA's convolutions against micle_jax's CPU patch matmuls.
+r"""The training step with XLA's convolutions and max-pool against micle_jax's CPU lowerings.
 
   python benchmarks/cpu_convolutions.py --arch=r50x1 --image_size=64 --batch=32 --rounds=3
 
 micle_jax/models/conv.py lowers most of the ResNets' convolutions to patch
-matmuls on the CPU. This compiles the trainer's contrastive step
-(benchmarks/common.build_step) twice in one process, once with every
-convolution XLA's own (`conv.xla_convolutions()`, what the step was before)
-and once as the trainer runs it, then times them alternately, one step each
-per round, so that load drifts on a shared machine hit both. Prints each
+matmuls on the CPU, and micle_jax/models/pool.py the stem's max-pool to a
+maximum over strided windows with its own gradient. This compiles the
+trainer's contrastive step (benchmarks/common.build_step) twice in one
+process, once with XLA's own convolutions and max-pool
+(`conv.xla_convolutions()`, what the step was before) and once as the
+trainer runs it ('patches'), then times them alternately, one step each per
+round, so that load drifts on a shared machine hit both. Prints each
 variant's median step time and peak memory (XLA's memory analysis) and last
-`ratio xla/patches: X.XX` (above 1: the patch matmuls are faster).
+`ratio xla/patches: X.XX` (above 1: micle_jax's CPU lowerings are faster).
 """
 
 from __future__ import annotations
