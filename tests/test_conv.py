@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from jax import lax
+from lowering_util import lowered, resnet_grad_lowerings
 
 from micle_jax.models import conv, resnet
 
@@ -59,10 +60,6 @@ def test_patch_matmul_equals_xla_convolution_and_its_gradients(shape, kernel, st
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _lowered(fn, *args, platforms=("cpu",)):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=platforms).as_text()
-
-
 @pytest.mark.parametrize(
     "shape,kernel,strides,patches",
     [
@@ -86,10 +83,10 @@ def test_cpu_lowering_is_patch_matmul_where_measured_faster(shape, kernel, strid
         return conv.conv_general_dilated(x, k, strides, pads, dimension_numbers=DN)
 
     grads = jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2), (0, 1))
-    assert ("convolution" not in _lowered(f, x, k)) == patches
-    assert ("convolution" not in _lowered(grads, x, k)) == patches
+    assert ("convolution" not in lowered(f, x, k)) == patches
+    assert ("convolution" not in lowered(grads, x, k)) == patches
     for platform in ("cuda", "tpu"):
-        assert "stablehlo.convolution" in _lowered(f, x, k, platforms=(platform,))
+        assert "stablehlo.convolution" in lowered(f, x, k, platforms=(platform,))
     np.testing.assert_allclose(jax.jit(f)(x, k), _xla(x, k, strides, pads), 1e-5, 1e-5)
 
 
@@ -115,7 +112,7 @@ def test_other_convolutions_stay_xla_convolutions(kwargs):
     def xla(x, k):
         return lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn, **kwargs)
 
-    assert "stablehlo.convolution" in _lowered(ours, x, k)
+    assert "stablehlo.convolution" in lowered(ours, x, k)
     np.testing.assert_array_equal(jax.jit(ours)(x, k), jax.jit(xla)(x, k))
 
 
@@ -125,20 +122,8 @@ def test_resnet50_cpu_training_step_keeps_only_the_convolutions_xla_runs_well():
     # stay XLA convolutions on the CPU, each with its two gradients; everywhere
     # else (a GPU) all 53 are, with both gradients but the stem's input one.
     model = resnet.ResNet(depth=50, width_multiplier=1)
-    images = jnp.zeros((2, 64, 64, 3))
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
-
-    def loss(params, batch_stats, images):
-        out, _ = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return jnp.mean(out**2)
-
-    args = (variables["params"], variables["batch_stats"], images)
-    cpu, cuda = (_lowered(jax.grad(loss), *args, platforms=(p,)) for p in ("cpu", "cuda"))
+    text = resnet_grad_lowerings(model, (2, 64, 64, 3))
+    cpu, cuda = text["cpu"], text["cuda"]
     assert cpu.count("stablehlo.convolution") == 3 * (3 + 5)
     assert cuda.count("stablehlo.convolution") == 3 * 53 - 1
 

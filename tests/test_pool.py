@@ -6,12 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from lowering_util import lowered, resnet_grad_lowerings
 
 from micle_jax.models import conv, pool, resnet
-
-
-def _lowered(fn, *args, platforms=("cpu",)):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=platforms).as_text()
 
 
 def _post_relu(shape, seed=0, dtype=jnp.float32):
@@ -51,6 +48,21 @@ def test_max_pool_equals_flax_values_and_gradients(shape, window, strides, paddi
     np.testing.assert_allclose(grad, jax.grad(lambda x: jnp.sum(flax(x) * t))(x), atol=1e-6)
 
 
+def test_forward_mode_inside_xla_convolutions_equals_flax():
+    """jax.jvp through the model on the CPU: the custom VJP has no JVP, flax's has."""
+    x = _post_relu((2, 12, 12, 4))
+    t = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
+
+    def ours(x):
+        return pool.max_pool(x, (3, 3), (2, 2), "SAME")
+
+    with conv.xla_convolutions():
+        out, tangent = jax.jit(lambda x, t: jax.jvp(ours, (x,), (t,)))(x, t)
+    want_out, want_tangent = jax.jvp(lambda x: nn.max_pool(x, (3, 3), (2, 2), "SAME"), (x,), (t,))
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(tangent, want_tangent)
+
+
 def test_bfloat16_keeps_its_dtype_and_values():
     x = _post_relu((2, 10, 10, 4), dtype=jnp.bfloat16)
     got = jax.jit(lambda x: pool.max_pool(x, (3, 3), (2, 2), "SAME"))(x)
@@ -64,42 +76,29 @@ def _pool_grad(x):
 
 def test_cpu_lowering_has_no_select_and_scatter_other_platforms_keep_it():
     x = _post_relu((2, 12, 12, 4))
-    cpu = _lowered(_pool_grad, x)
+    cpu = lowered(_pool_grad, x)
     assert "select_and_scatter" not in cpu and "reduce_window" not in cpu
     for platform in ("cuda", "tpu"):
-        assert "stablehlo.select_and_scatter" in _lowered(_pool_grad, x, platforms=(platform,))
+        assert "stablehlo.select_and_scatter" in lowered(_pool_grad, x, platforms=(platform,))
     with conv.xla_convolutions():  # the accelerator's program, lowered on the CPU
         # (a function jit has not traced yet: its trace cache does not see the context)
-        assert "stablehlo.select_and_scatter" in _lowered(lambda x: _pool_grad(x), x)
+        assert "stablehlo.select_and_scatter" in lowered(lambda x: _pool_grad(x), x)
 
 
 def test_integers_and_negative_padding_stay_flax():
     ints = jnp.arange(2 * 6 * 6 * 2, dtype=jnp.int32).reshape(2, 6, 6, 2)
-    assert "reduce_window" in _lowered(lambda x: pool.max_pool(x, (3, 3), (2, 2), "SAME"), ints)
+    assert "reduce_window" in lowered(lambda x: pool.max_pool(x, (3, 3), (2, 2), "SAME"), ints)
     x = _post_relu((2, 6, 6, 2))
 
     def cropped(x):
         return pool.max_pool(x, (2, 2), (1, 1), ((-1, 0), (0, 0)))
 
-    assert "reduce_window" in _lowered(cropped, x)
+    assert "reduce_window" in lowered(cropped, x)
     np.testing.assert_array_equal(cropped(x), nn.max_pool(x, (2, 2), (1, 1), ((-1, 0), (0, 0))))
 
 
 def test_resnet_stem_cpu_gradient_has_no_select_and_scatter():
     model = resnet.ResNet(depth=18, width_multiplier=0.25)
-    images = jnp.zeros((2, 48, 48, 3))
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
-
-    def loss(params, batch_stats, images):
-        out, _ = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return jnp.mean(out**2)
-
-    args = (variables["params"], variables["batch_stats"], images)
-    cpu, cuda = (_lowered(jax.grad(loss), *args, platforms=(p,)) for p in ("cpu", "cuda"))
-    assert "select_and_scatter" not in cpu
-    assert cuda.count("stablehlo.select_and_scatter") == 1
+    text = resnet_grad_lowerings(model, (2, 48, 48, 3))
+    assert "select_and_scatter" not in text["cpu"]
+    assert text["cuda"].count("stablehlo.select_and_scatter") == 1
