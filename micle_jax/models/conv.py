@@ -7,9 +7,10 @@ the CPU computes an NHWC x HWIO convolution as one matmul of its patches (the
 kh x kw shifted windows of the padded input side by side on the channel axis,
 [B * Ho * Wo, kh * kw * Cin] @ [kh * kw * Cin, Cout]) wherever that was
 measured faster (`_patch_matmul_faster`: 1x1 and strided convolutions, tiny
-maps, wide 16 px+ maps, a stem with 64+ outputs); every other platform, every other convolution and
-every convolution outside that form (dilations, feature groups, other
-layouts) gets `lax.conv_general_dilated` unchanged. An export lowered for
+maps, wide 16 px+ maps, a stem with 64+ outputs); every other platform,
+every other convolution and every convolution outside that form
+(dilations, feature groups, other layouts) gets `lax.conv_general_dilated`
+unchanged. An export lowered for
 several platforms carries both.
 
 Why on the CPU: XLA:CPU runs the ResNet's forward convolutions through
@@ -93,13 +94,8 @@ def patch_matmul(
     (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
     if (top, bottom, left, right) != (0, 0, 0, 0):
         lhs = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    batch, height, width, _ = lhs.shape
-    out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
-    windows = [
-        lhs[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    windows, (out_h, out_w) = strided_windows(lhs, (kh, kw), (sh, sw))
+    batch = lhs.shape[0]
     patches = jnp.concatenate(windows, axis=-1) if len(windows) > 1 else windows[0]
     out = jnp.dot(
         patches.reshape(batch * out_h * out_w, kh * kw * cin),
@@ -110,10 +106,27 @@ def patch_matmul(
     return out.reshape(batch, out_h, out_w, cout)
 
 
-def _explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
+def strided_windows(x: jax.Array, window, strides) -> tuple[list[jax.Array], tuple[int, int]]:
+    """The kh x kw strided windows of NHWC `x` (already padded), in row-major order.
+
+    Returns:
+      ([B, Ho, Wo, C] for each of the kh * kw window positions, (Ho, Wo)):
+      window (i, j) holds x[:, i + sh * y, j + sw * z, :] at output (y, z).
+    """
+    (kh, kw), (sh, sw) = window, strides
+    out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    windows = [
+        x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return windows, (out_h, out_w)
+
+
+def explicit_padding(lhs_shape, window, window_strides, padding):
     """((top, bottom), (left, right)) from lax's padding: a string or pairs."""
     if isinstance(padding, str):
-        return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], window_strides, padding))
+        return tuple(lax.padtype_to_pads(lhs_shape[1:3], window[:2], window_strides, padding))
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
@@ -182,7 +195,7 @@ def conv_general_dilated(
     )
     if dimension_numbers is None or lhs.ndim != 4 or xla_only():
         return xla(lhs, rhs)
-    pads = _explicit_padding(lhs.shape, rhs.shape, tuple(window_strides), padding)
+    pads = explicit_padding(lhs.shape, rhs.shape, tuple(window_strides), padding)
     groups = (feature_group_count, batch_group_count)
     if not _patch_matmul_applies(
         lhs, rhs, pads, lhs_dilation, rhs_dilation, dimension_numbers, groups

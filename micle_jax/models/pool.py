@@ -53,37 +53,24 @@ def max_pool(
         or conv.xla_only()
     ):
         return xla(x)
-    if isinstance(padding, str):
-        spatial = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
-    else:
-        spatial = [tuple(p) for p in padding]
+    spatial = conv.explicit_padding(x.shape, window, strides, padding)
     if len(spatial) != 2 or min(min(p) for p in spatial) < 0:
         return xla(x)
-    pads = ((0, 0), *(tuple(p) for p in spatial), (0, 0))
+    pads = ((0, 0), *spatial, (0, 0))
     cpu = functools.partial(_window_max, window=window, strides=strides, pads=pads)
     return lax.platform_dependent(x, cpu=cpu, default=xla)
 
 
-def _windows(padded: jax.Array, window, strides, out_hw) -> list[jax.Array]:
-    """The kh * kw strided windows of `padded`, each [B, Ho, Wo, C], in row-major order."""
-    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-    return [
-        padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-
-
-def _geometry(x, window, strides, pads):
+def _windows(x, window, strides, pads) -> tuple[jax.Array, list[jax.Array], tuple[int, int]]:
+    """(x padded with -inf, its strided windows in row-major order, (Ho, Wo))."""
     padded = jnp.pad(x, pads, constant_values=-jnp.inf)
-    out_hw = tuple((padded.shape[1 + a] - window[a]) // strides[a] + 1 for a in range(2))
-    return padded, out_hw
+    return (padded, *conv.strided_windows(padded, window, strides))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _window_max(x, window, strides, pads):
-    padded, out_hw = _geometry(x, window, strides, pads)
-    return functools.reduce(jnp.maximum, _windows(padded, window, strides, out_hw))
+    _, views, _ = _windows(x, window, strides, pads)
+    return functools.reduce(jnp.maximum, views)
 
 
 def _window_max_fwd(x, window, strides, pads):
@@ -93,11 +80,11 @@ def _window_max_fwd(x, window, strides, pads):
 
 def _window_max_bwd(window, strides, pads, residuals, g):
     x, out = residuals
-    padded, out_hw = _geometry(x, window, strides, pads)
+    padded, views, out_hw = _windows(x, window, strides, pads)
     free = jnp.ones(out.shape, bool)  # outputs whose maximum is not yet assigned
     grad = jnp.zeros_like(padded)
     zero = jnp.zeros((), g.dtype)
-    for k, view in enumerate(_windows(padded, window, strides, out_hw)):
+    for k, view in enumerate(views):
         i, j = divmod(k, window[1])
         hit = free & (view == out)
         free = free & ~hit
