@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+from conftest import FAST_COMPILE_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "--config=tests/fixtures/tiny_pretrain.py:steps=4"
 
@@ -30,13 +32,9 @@ def launch(workdir, devices_per_process, extra=(), config=CONFIG, persistent_cac
     every process of a multi-process run compiles.
     """
     # The tiny test network's steps run in milliseconds; compiling them takes each
-    # process most of its time, and XLA's CPU backend at -O0 compiles them about 40%
-    # faster (test_pretrain's tiny step: 13 s against 17 s). Every process of a
-    # comparison runs with the same flags.
-    flags = (
-        f"--xla_force_host_platform_device_count={devices_per_process} "
-        "--xla_backend_optimization_level=0"
-    )
+    # process most of its time: the suite's fast-compile flags (tests/conftest.py).
+    # Every process of a comparison runs with the same flags.
+    flags = f"--xla_force_host_platform_device_count={devices_per_process} {FAST_COMPILE_FLAGS}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     if not persistent_cache:
         env["JAX_ENABLE_COMPILATION_CACHE"] = "false"

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import O0_FLAG
+from conftest import FAST_COMPILE_FLAGS
 
 from micle_jax import report
 from micle_jax.data import records
@@ -61,7 +61,7 @@ def check_pair_fractions(micle_log: str, simclr_log: str, expected: float) -> No
 def test_short_demo_end_to_end(tmp_path):
     root = tmp_path / "demo"
     # The demo's runs execute more than they compile: XLA's default optimisation.
-    flags = os.environ["XLA_FLAGS"].replace(O0_FLAG, "")
+    flags = os.environ["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS, "")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     sweep = subprocess.run(
         [

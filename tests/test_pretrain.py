@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow as tf
+from conftest import FAST_COMPILE_FLAGS
 from flax import traverse_util
 
 from micle_jax import checkpoint, config_lib, models, optim, recipes, rundir, sharding
@@ -353,14 +354,18 @@ def test_init_projection_layers_copy_what_matches_and_name_what_does_not(stage1)
     assert {c for c in copied if "/projection_head/" in c} == every_layer
 
 
-def run_main(*args, timeout=600):
+def run_main(*args, timeout=600, fast_compile=True):
+    """`python -m micle_jax.main ARGS`; fast_compile=False: XLA's default -O2 (real work)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if not fast_compile:
+        env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS, "")
     return subprocess.run(
         [sys.executable, "-m", "micle_jax.main", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env=env,
     )
 
 
@@ -389,6 +394,8 @@ def test_cli_smoke_run_simclr_imagenet_r50x1(tmp_path):
         "--config.total_steps=2",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=2",
+        # ResNet-50's steps at 32 px (the CIFAR stem) take seconds at -O0.
+        fast_compile=False,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     status = rundir.read_status(str(tmp_path))
