@@ -126,6 +126,12 @@ def test_truncated_png_is_skipped_when_decoding(tmp_path):
     ds = pipeline.open_data(cfg, seed=0).dataset("simclr", 1)
     ids = [b["image_id1"][0] for b, _ in zip(ds.as_numpy_iterator(), range(6), strict=False)]
     assert b"case000/img1" not in ids and set(ids) == {b"case000/img0", b"case001/img0"}
+    # Every image truncated: nothing decodes, which is an error naming the fix.
+    for case in cases:
+        case["images"] = [image[:40] for image in case["images"]]
+    source = registry.get_source(tiny_records.write(tmp_path / "none", cases, num_shards=1))
+    with pytest.raises(ValueError, match="no image could be decoded.*micle_jax.data.convert"):
+        source.table("train", interface.Share())
 
 
 def test_records_without_usable_image_is_an_error(tmp_path):

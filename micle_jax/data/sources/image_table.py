@@ -18,6 +18,8 @@ from absl import logging
 # tf.data captures the table as constants; beyond this the start-up copy gets
 # slow and serialised graphs approach protobuf's 2 GiB limit.
 MAX_TABLE_BYTES = 2 * 1024**3
+# Decoded images read from tf.data per iterator step (materialize).
+READ_BATCH = 256
 
 
 @dataclasses.dataclass
@@ -105,7 +107,7 @@ def pack(
     images = [im[..., None] if im.ndim == 2 else im for im in images]
     shapes = np.array([im.shape for im in images], np.int32).reshape(-1, 3)
     sizes = np.prod(shapes.astype(np.int64), axis=1)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    offsets = (np.cumsum(sizes) - sizes).astype(np.int64)
     if int(sizes.sum()) > MAX_TABLE_BYTES:
         raise ValueError(
             f"{sizes.sum() / 1024**3:.1f} GiB of decoded images do not fit the in-memory table "
@@ -118,6 +120,8 @@ def pack(
         else np.zeros([0], np.uint8)
     )
     case_size = np.asarray(case_size, np.int32).reshape(-1)
+    label_multi = np.asarray(label_multi, np.float32)
+    label_multi = label_multi.reshape(len(images), label_multi.size // max(len(images), 1))
     if int(case_size.sum()) != len(images) or (case_size < 1).any():
         raise ValueError("case sizes must be >= 1 and sum to the number of images")
     return ImageTable(
@@ -126,9 +130,9 @@ def pack(
         shapes=shapes,
         image_ids=np.array([_as_bytes(i) for i in image_ids], dtype=object),
         label_class=np.asarray(label_class, np.int32).reshape(-1),
-        label_multi=np.asarray(label_multi, np.float32).reshape(len(images), -1),
+        label_multi=label_multi,
         case_ids=np.array([_as_bytes(i) for i in case_ids], dtype=object),
-        case_start=np.concatenate([[0], np.cumsum(case_size)[:-1]]).astype(np.int64),
+        case_start=(np.cumsum(case_size) - case_size).astype(np.int64),
         case_size=case_size,
     )
 
@@ -177,30 +181,48 @@ def materialize(cases: tf.data.Dataset, num_parallel_calls: int, name: str) -> I
 
     def decode(item):
         item = dict(item)
-        item["pixels"] = decode_image(item.pop("encoded"))
+        pixels = decode_image(item.pop("encoded"))
+        item["shape"] = tf.shape(pixels)
+        item["pixels"] = tf.reshape(pixels, [-1])
         return item
 
-    images = cases.enumerate().flat_map(per_image)
-    expected = images.reduce(np.int64(0), lambda count, _: count + 1)
-    decoded = images.map(decode, num_parallel_calls=num_parallel_calls, deterministic=True)
+    expected = cases.map(lambda case: tf.size(case["images"], tf.int64)).reduce(
+        np.int64(0), lambda count, n: count + n
+    )
+    decoded = cases.enumerate().flat_map(per_image)
+    decoded = decoded.map(decode, num_parallel_calls=num_parallel_calls, deterministic=True)
     decoded = decoded.ignore_errors(log_warning=True)
-    rows = list(decoded.as_numpy_iterator())
-    skipped = int(expected) - len(rows)
+    # Read in batches (each image's pixels one ragged row): an iterator step per
+    # image costs ~0.8 ms of Python, 5.8 of the 7.6 s HAM10000's 6,861 demo images took.
+    columns: dict[str, list[np.ndarray]] = {}
+    images: list[np.ndarray] = []
+    for batch in decoded.ragged_batch(READ_BATCH):
+        pixels = batch.pop("pixels")
+        rows = np.split(pixels.flat_values.numpy(), pixels.row_splits.numpy()[1:-1])
+        shapes = batch["shape"].numpy()
+        images += [row.reshape(shape) for row, shape in zip(rows, shapes, strict=True)]
+        for key, value in batch.items():
+            columns.setdefault(key, []).append(value.numpy())
+    skipped = int(expected) - len(images)
     if skipped:
         logging.warning("%s: skipped %d image(s) that failed to decode", name, skipped)
-    case_index = np.array([r["case_index"] for r in rows], np.int64)
+    column = {key: np.concatenate(values) for key, values in columns.items()} or {
+        "case_index": np.zeros([0], np.int64),
+        "case_id": np.zeros([0], object),
+        "image_id": np.zeros([0], object),
+        "label_class": np.zeros([0], np.int32),
+        "label_multi": np.zeros([0, 0], np.float32),
+    }
+    case_index = column["case_index"]
     # Cases arrive in order, so each case's surviving images are one run.
-    starts = np.flatnonzero(np.diff(case_index, prepend=-1)) if len(rows) else np.zeros([0], int)
-    case_size = np.diff(np.append(starts, len(rows)))
-    num_classes = rows[0]["label_multi"].shape[-1] if rows else 0
-    logging.info("%s: decoded %d images of %d cases into memory", name, len(rows), len(starts))
+    starts = np.flatnonzero(np.diff(case_index, prepend=-1))
+    case_size = np.diff(np.append(starts, len(images)))
+    logging.info("%s: decoded %d images of %d cases into memory", name, len(images), len(starts))
     return pack(
-        [r["pixels"] for r in rows],
-        image_ids=[r["image_id"] for r in rows],
-        label_class=[r["label_class"] for r in rows],
-        label_multi=np.array([r["label_multi"] for r in rows], np.float32).reshape(
-            len(rows), num_classes
-        ),
-        case_ids=[rows[s]["case_id"] for s in starts],
+        images,
+        image_ids=list(column["image_id"]),
+        label_class=column["label_class"],
+        label_multi=column["label_multi"].astype(np.float32),
+        case_ids=list(column["case_id"][starts]),
         case_size=case_size,
     )
