@@ -199,7 +199,7 @@ def materialize(cases: tf.data.Dataset, num_parallel_calls: int, name: str) -> I
     for batch in decoded.ragged_batch(READ_BATCH):
         pixels = batch.pop("pixels")
         rows = np.split(pixels.flat_values.numpy(), pixels.row_splits.numpy()[1:-1])
-        shapes = batch["shape"].numpy()
+        shapes = batch.pop("shape").numpy()
         images += [row.reshape(shape) for row, shape in zip(rows, shapes, strict=True)]
         for key, value in batch.items():
             columns.setdefault(key, []).append(value.numpy())
@@ -222,7 +222,7 @@ def materialize(cases: tf.data.Dataset, num_parallel_calls: int, name: str) -> I
         images,
         image_ids=list(column["image_id"]),
         label_class=column["label_class"],
-        label_multi=column["label_multi"].astype(np.float32),
+        label_multi=column["label_multi"],
         case_ids=list(column["case_id"][starts]),
         case_size=case_size,
     )
