@@ -9,11 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from micle_jax import config_lib, models, optim, recipes, sharding
+from micle_jax.models import conv
 from micle_jax.trainers import contrastive_step, train_state
 
 
-def build_step(arch: str, image_size: int, batch_size: int, dtype: str, probe: bool = False):
+def build_step(
+    arch: str,
+    image_size: int,
+    batch_size: int,
+    dtype: str,
+    probe: bool = False,
+    xla_defaults: bool = False,
+):
     """The trainer's jitted contrastive step on this process's devices, with inputs.
+
+    Compiled as the trainers compile it (conv.compiler_options()), or with
+    XLA's default options (`xla_defaults`).
 
     Returns:
       (step, state, batch): step(state, batch) -> (state, measurements), the
@@ -31,6 +42,7 @@ def build_step(arch: str, image_size: int, batch_size: int, dtype: str, probe: b
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=None if xla_defaults else conv.compiler_options(),
     )
     rng = np.random.default_rng(0)
     shape = (batch_size, image_size, image_size, 3)

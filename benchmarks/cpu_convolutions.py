@@ -2,12 +2,14 @@ r"""The training step with XLA's convolutions and max-pool against micle_jax's C
 
   python benchmarks/cpu_convolutions.py --arch=r50x1 --image_size=64 --batch=32 --rounds=3
 
-micle_jax/models/conv.py lowers most of the ResNets' convolutions to patch
-matmuls on the CPU, and micle_jax/models/pool.py the stem's max-pool to a
-maximum over strided windows with its own gradient. This compiles the
+micle_jax/models/conv.py lowers the ResNets' 1x1 convolutions and those whose
+kernel is larger than their output map to patch matmuls on the CPU and has
+XLA compile the others itself rather than hand them to YNNPACK
+(`conv.compiler_options()`), and micle_jax/models/pool.py the stem's max-pool
+to a maximum over strided windows with its own gradient. This compiles the
 trainer's contrastive step (benchmarks/common.build_step) twice in one
-process, once with XLA's own convolutions and max-pool
-(`conv.xla_convolutions()`, what the step was before) and once as the
+process, once as plain JAX would (XLA's convolutions and max-pool,
+`conv.xla_convolutions()`, and XLA's default options) and once as the
 trainer runs it ('patches'), then times them alternately, one step each per
 round, so that load drifts on a shared machine hit both. Prints each
 variant's median step time and peak memory (XLA's memory analysis) and last
@@ -43,7 +45,9 @@ def main(argv):
     variants = {}
     for name in ("xla", "patches"):
         with conv.xla_convolutions() if name == "xla" else contextlib.nullcontext():
-            step, state, batch = build_step(_ARCH.value, _IMAGE_SIZE.value, _BATCH.value, "float32")
+            step, state, batch = build_step(
+                _ARCH.value, _IMAGE_SIZE.value, _BATCH.value, "float32", xla_defaults=name == "xla"
+            )
             compiled = step.lower(state, batch).compile()
         state, out = compiled(state, batch)  # warm-up
         jax.block_until_ready(out)

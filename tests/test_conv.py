@@ -1,6 +1,8 @@
 """Tests for micle_jax/models/conv.py: patch matmuls equal XLA's convolution,
 values and gradients, and are what the CPU lowering of the ResNets runs."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,13 +66,14 @@ def test_patch_matmul_equals_xla_convolution_and_its_gradients(shape, kernel, st
     "shape,kernel,strides,patches",
     [
         ((2, 8, 8, 4), (1, 1, 4, 8), (1, 1), True),  # 1x1
-        ((2, 8, 8, 4), (3, 3, 4, 8), (2, 2), True),  # strided
-        ((2, 2, 2, 4), (3, 3, 4, 8), (1, 1), True),  # map under 4 px
-        ((2, 16, 16, 64), (3, 3, 64, 8), (1, 1), True),  # 16 px, 64 channels
-        ((2, 8, 8, 64), (3, 3, 64, 8), (1, 1), False),  # XLA's own is as fast
-        ((2, 16, 16, 16), (3, 3, 16, 8), (1, 1), False),  # few channels: patches cost more
-        ((2, 12, 12, 3), (7, 7, 3, 64), (2, 2), True),  # ResNet-50 1x stem
-        ((2, 12, 12, 3), (7, 7, 3, 16), (2, 2), False),  # narrow stem (0.25x): XLA's
+        ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), True),  # strided 1x1 (projection shortcut)
+        ((2, 2, 2, 4), (3, 3, 4, 8), (1, 1), True),  # kernel larger than the 2 px map
+        ((2, 4, 4, 4), (3, 3, 4, 8), (2, 2), True),  # strided onto a 2 px map
+        ((2, 6, 6, 4), (3, 3, 4, 8), (2, 2), False),  # strided onto 3 px: XLA's
+        ((2, 3, 3, 64), (3, 3, 64, 8), (1, 1), False),  # 3 px: the kernel fits
+        ((2, 16, 16, 64), (3, 3, 64, 8), (1, 1), False),  # 16 px, 64 channels
+        ((2, 32, 32, 3), (7, 7, 3, 64), (2, 2), False),  # ResNet-50 1x stem
+        ((2, 12, 12, 3), (7, 7, 3, 16), (2, 2), True),  # a stem onto 6 px maps
     ],
 )
 def test_cpu_lowering_is_patch_matmul_where_measured_faster(shape, kernel, strides, patches):
@@ -117,15 +120,59 @@ def test_other_convolutions_stay_xla_convolutions(kwargs):
 
 
 def test_resnet50_cpu_training_step_keeps_only_the_convolutions_xla_runs_well():
-    # ResNet-50 1x at 64 px: of its 53 convolutions only the stride-1 3x3 ones
-    # on 8 px (block group 2, blocks 2-4) and 4 px maps (group 3, blocks 2-6)
-    # stay XLA convolutions on the CPU, each with its two gradients; everywhere
-    # else (a GPU) all 53 are, with both gradients but the stem's input one.
+    # ResNet-50 1x at 64 px: of its 53 convolutions the 36 1x1 ones and the three
+    # 3x3 ones onto 2 px maps (block group 4) are patch matmuls on the CPU; the stem
+    # (forward and kernel gradient) and the 13 other 3x3 ones (each with its two
+    # gradients) stay XLA convolutions. Everywhere else (a GPU) all 53 are, with
+    # both gradients but the stem's input one.
     model = resnet.ResNet(depth=50, width_multiplier=1)
     text = resnet_grad_lowerings(model, (2, 64, 64, 3))
     cpu, cuda = text["cpu"], text["cuda"]
-    assert cpu.count("stablehlo.convolution") == 3 * (3 + 5)
+    assert cpu.count("stablehlo.convolution") == 2 + 3 * 13
     assert cuda.count("stablehlo.convolution") == 3 * 53 - 1
+
+
+def _ynn_fused_ops(compiled_text: str) -> set[str]:
+    """The kinds of heavy ops (convolution, dot, reduce) XLA:CPU handed to YNNPACK."""
+    bodies = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", compiled_text, re.S | re.M))
+    ops = set()
+    for callee in re.findall(r"calls=%([\w.\-]+)[^\n]*__ynn_fusion", compiled_text):
+        ops |= set(re.findall(r"= \S+ (convolution|dot|reduce)\(", bodies.get(callee, "")))
+    return ops
+
+
+def test_compiler_options_keep_convolutions_out_of_ynnpack_and_dots_in():
+    model = resnet.ResNet(depth=18, width_multiplier=0.25)
+    images = jnp.zeros((4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images, train=False)
+
+    def loss(params):
+        out, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(out**2)
+
+    options = conv.compiler_options()
+    assert options == conv.CPU_COMPILER_OPTIONS
+    ours = jax.jit(jax.grad(loss), compiler_options=options).lower(variables["params"])
+    default = jax.jit(jax.grad(loss)).lower(variables["params"])
+    # XLA's default hands the convolutions to YNNPACK, which runs them on one core.
+    assert "convolution" in _ynn_fused_ops(default.compile().as_text())
+    assert _ynn_fused_ops(ours.compile().as_text()) == {"dot", "reduce"}
+
+
+def test_compiler_options_leave_a_users_xla_flags_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    conv.compiler_options.cache_clear()
+    try:
+        assert conv.compiler_options() is None
+    finally:
+        monkeypatch.undo()
+        conv.compiler_options.cache_clear()
+    assert conv.compiler_options() == conv.CPU_COMPILER_OPTIONS
 
 
 def test_flax_conv_with_patch_matmul_keeps_parameters_and_outputs():

@@ -5,14 +5,16 @@ import os
 import pathlib
 import zlib
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import linen as nn
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 
-from micle_jax import config_lib, evaluators, report_plots
+from micle_jax import config_lib, evaluators, report_plots, sharding
 from micle_jax.evaluators import (
     bootstrap,
     calibration,
@@ -34,6 +36,8 @@ from micle_jax.evaluators.labels import LabelMap
 from micle_jax.evaluators.linear_probe import fit_linear_probe
 from micle_jax.evaluators.multilabel import multilabel_set
 from micle_jax.evaluators.outputs import Predictions
+from micle_jax.evaluators.predictor import Predictor
+from micle_jax.models import conv
 from micle_jax.task import TaskInfo
 
 
@@ -821,3 +825,22 @@ def test_fit_on_and_operating_points_errors():
         _ham_evaluators(dict(data=dict(split="test"), subgroups=("sex", "view")))
     with pytest.raises(ValueError, match="unknown field"):
         _ham_evaluators(dict(data=dict(split="test"), calibrate=True))
+
+
+def test_predictor_compiles_its_forward_pass_with_the_models_compiler_options(monkeypatch):
+    # An option value XLA rejects fails the forward pass's compile only if the
+    # predictor passes conv.compiler_options() to jit.
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, images, train=False):
+            return {"logits": nn.Dense(2)(images.reshape(images.shape[0], -1))}
+
+    model, images = Tiny(), np.zeros((8, 4, 4, 3), np.float32)
+    variables = model.init(jax.random.key(0), images)
+    batches = [{"image": images, "mask": np.ones(8, np.int32)}]
+    mesh = sharding.make_mesh(config_lib.mesh_config())
+    assert Predictor(model, mesh).predict(variables, batches, ("logits",))["logits"].shape == (8, 2)
+    bad = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
+    monkeypatch.setattr(conv, "compiler_options", lambda: bad)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="NOT_A_FUSION_TYPE"):
+        Predictor(model, mesh).predict(variables, batches, ("logits",))

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from micle_jax import checkpoint, config_lib, sharding
+from micle_jax.models import conv
 from micle_jax.trainers import loop, train_state
 
 STEPS, LOG_EVERY = 8, 4
@@ -72,3 +74,12 @@ def test_log_lines_measure_the_share_of_time_waiting_for_the_next_batch(tmp_path
     # Instant batches, steps of 100 matmuls: the loop waits for the steps instead.
     slow_steps = _run(tmp_path / "slow_steps", 0.0, 100)
     assert len(slow_steps) == 2 and slow_steps[1] < 0.1, slow_steps
+
+
+def test_the_step_is_compiled_with_the_models_compiler_options(tmp_path, monkeypatch):
+    # An option value XLA rejects: the loop's compile fails on it only if it passes
+    # conv.compiler_options() to jit (the trainers' CPU convolutions depend on it).
+    bad = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
+    monkeypatch.setattr(conv, "compiler_options", lambda: bad)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="NOT_A_FUSION_TYPE"):
+        _run(tmp_path, 0.0, 1)

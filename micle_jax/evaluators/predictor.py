@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from micle_jax import sharding
+from micle_jax.models import conv
 
 
 def _gather_strings(values: np.ndarray) -> np.ndarray:
@@ -41,7 +42,11 @@ class Predictor:
         def forward(variables, images):
             return model.apply(variables, images, train=False)
 
-        self._forward = jax.jit(forward, out_shardings=sharding.batch_sharding(mesh))
+        self._forward = jax.jit(
+            forward,
+            out_shardings=sharding.batch_sharding(mesh),
+            compiler_options=conv.compiler_options(),
+        )
 
     def predict(
         self, variables: Mapping, batches: Iterable[Mapping[str, np.ndarray]], outputs: Sequence

@@ -1,4 +1,4 @@
-"""The ResNets' convolution: XLA's own on GPUs and TPUs, mostly patch matmuls on the CPU.
+"""The ResNets' convolution: XLA's own, but for patch matmuls where XLA:CPU is slow.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so it
 plugs into `flax.linen.Conv(conv_general_dilated=...)` and leaves parameters
@@ -6,27 +6,21 @@ and checkpoints as they are. Through `lax.platform_dependent`, a lowering for
 the CPU computes an NHWC x HWIO convolution as one matmul of its patches (the
 kh x kw shifted windows of the padded input side by side on the channel axis,
 [B * Ho * Wo, kh * kw * Cin] @ [kh * kw * Cin, Cout]) wherever that was
-measured faster (`_patch_matmul_faster`: 1x1 and strided convolutions, tiny
-maps, wide 16 px+ maps, a stem with 64+ outputs); every other platform,
-every other convolution and every convolution outside that form
-(dilations, feature groups, other layouts) gets `lax.conv_general_dilated`
-unchanged. An export lowered for
+measured faster (`_patch_matmul_faster`: 1x1 convolutions, kernels larger
+than their output map); every other platform, every other convolution and
+every convolution outside that form (dilations, feature groups, other
+layouts) gets `lax.conv_general_dilated` unchanged. An export lowered for
 several platforms carries both.
 
-Why on the CPU: XLA:CPU runs the ResNet's forward convolutions through
-XNNPACK, but the backward passes poorly. Where a 3x3 kernel meets a 2-4 px
-map (the last block groups at 64 px), XLA's algebraic simplifier swaps the
-input-gradient convolution's operands and the result falls back to XLA's
-naive loop emitter; kernel gradients go through layout transposes. On the
-2-core development machine a ResNet-50 1x SimCLR step at 64 px, 32 pairs,
-spent 6.2 s of 11.9 s in five such naive convolutions and 1.3 s in
-transposes. With patches where they win (autodiff makes them matmuls,
-slices and pads), `benchmarks/cpu_convolutions.py` (one process, the two
-variants alternating; LARS as in optim.py in both): that step 9.6 -> 2.0 s
-(4.7x), the demo's ResNet-18 0.25x at 48 px, 128 pairs 584 -> 336 ms
-(1.7x), the tests' ResNet-18 0.25x at 32 px, 8 pairs 0.96-1.01x, for
-7-29% more peak memory (the patches kept for the backward pass;
-docs/performance.md).
+Why on the CPU: where a 3x3 kernel meets a 2 px output map (the last block
+group at 48-64 px), XLA's algebraic simplifier swaps the input-gradient
+convolution's operands and the result falls back to XLA's naive loop
+emitter (a ResNet-50 1x SimCLR step at 64 px, 32 pairs, spent 6.2 s of 11.9
+s in five of them), and a 1x1 convolution is a matmul that XLA's kernel
+gradient reaches through layout transposes. The rest run best as XLA's own
+convolutions, not YNNPACK's, which `compiler_options()` selects for the
+trainers' jitted steps. `benchmarks/cpu_convolutions.py` times the step both
+ways (docs/performance.md).
 
 Numerics: the same products summed in another order, so results agree with
 XLA's convolution to float32 rounding (tests/test_conv.py), not bit for bit.
@@ -37,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -68,6 +63,37 @@ def xla_convolutions() -> Iterator[None]:
 def xla_only() -> bool:
     """Whether a model traced now is the accelerator's program (inside xla_convolutions)."""
     return _XLA_ONLY.get()
+
+
+# XLA:CPU hands convolutions, dots and reductions to YNNPACK by default. Its
+# convolutions ran on one of the 2 cores at the ResNets' shapes (the same time
+# pinned to one core); XLA's own use both. Dots and reductions stay YNNPACK's:
+# without them the BatchNorm sums fall back to slow reduce-windows.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+    """XLA options for jitting a model's steps on this process's default backend.
+
+    On the CPU, CPU_COMPILER_OPTIONS: convolutions by XLA's own emitter, not
+    YNNPACK's (the demo's training step 0.85x the time, ResNet-50 1x at 64 px
+    0.89x, in one process alternating; docs/performance.md). None elsewhere,
+    where XLA_FLAGS already sets the option (the user's choice stands) and
+    for a jaxlib that does not know it (options of another version fail the
+    compile).
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    if any(name in os.environ.get("XLA_FLAGS", "") for name in CPU_COMPILER_OPTIONS):
+        return None
+    try:
+        jax.jit(jnp.negative).lower(jnp.zeros(())).compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except jax.errors.JaxRuntimeError:
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 def patch_matmul(
@@ -144,27 +170,26 @@ def _patch_matmul_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimensi
     ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
 
 
-def _patch_matmul_faster(lhs_shape, rhs_shape, window_strides) -> bool:
+def _patch_matmul_faster(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     """Whether patches beat XLA:CPU's convolution, forward + backward, by measurement.
 
-    Measured on the 2-core machine (fwd + both gradients, batch 64, Cin =
-    Cout, patches / XLA time): 1x1 convolutions 0.15-0.35 (XLA transposes for
-    the kernel gradient); strided ones 0.05-1.1 (0.05 on 2-4 px maps, where XLA
-    falls back to its naive loops); stride-1 3x3 on maps under 4 px 0.05-0.45;
-    stride-1 3x3 on 4-8 px maps 0.8-1.7 and on 16 px maps with under 64
-    input channels 1.4-2.5 (the 9x patch copy outweighs the matmul's gain),
-    with 64 or more 0.7-0.85. The 7x7 stride-2 stem on 3 channels (kernel
-    gradient only, as in training): 0.68 with 64 outputs (R50 1x, 64 px),
-    1.9 with 16 (R18 0.25x, 48 px, 256 views), whose patch copy (49 windows
-    of 3 channels) costs more than the small matmul saves.
+    Measured against XLA's own convolutions, as `cpu_compiler_options` compiles
+    them, on the 2-core machine (2026-12-03; forward + both gradients, batch
+    256 at the demo's shapes and 64 at ResNet-50 1x's, patches / XLA time):
+    1x1 convolutions 0.35-0.9 (the patch is the input itself; XLA transposes
+    for the kernel gradient); kernels larger than the output map (3x3 on 2 px,
+    strided onto 2 px) 0.02-0.31, where XLA's input gradient falls back to
+    naive loops. Elsewhere XLA's: stride-1 3x3 on 3-16 px maps 0.8-4.5 (1.3-4.5
+    below 4 px or 64 channels), the 7x7 stems 1.5-3.2, strided 3x3 onto 3-8 px
+    maps 0.55-1.4, which as patches made the demo's whole step 27% slower.
     """
     kh, kw = rhs_shape[:2]
-    if max(kh, kw) > 3:  # the 7x7 stem: the patch copy pays for wide outputs only
-        return rhs_shape[3] >= 64
-    if (kh, kw) == (1, 1) or any(s > 1 for s in window_strides):
+    if (kh, kw) == (1, 1):
         return True
-    side = min(lhs_shape[1:3])
-    return side < 4 or (side >= 16 and lhs_shape[3] >= 64)
+    (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
+    out_h = (lhs_shape[1] + top + bottom - kh) // sh + 1
+    out_w = (lhs_shape[2] + left + right - kw) // sw + 1
+    return out_h < kh or out_w < kw
 
 
 def conv_general_dilated(
@@ -199,7 +224,7 @@ def conv_general_dilated(
     groups = (feature_group_count, batch_group_count)
     if not _patch_matmul_applies(
         lhs, rhs, pads, lhs_dilation, rhs_dilation, dimension_numbers, groups
-    ) or not _patch_matmul_faster(lhs.shape, rhs.shape, tuple(window_strides)):
+    ) or not _patch_matmul_faster(lhs.shape, rhs.shape, tuple(window_strides), pads):
         return xla(lhs, rhs)
     cpu = functools.partial(
         patch_matmul,

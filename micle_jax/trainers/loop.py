@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from micle_jax import checkpoint, evaluators, rundir, sharding
 from micle_jax.evaluators import base
+from micle_jax.models import conv
 from micle_jax.trainers.preemption import Preemption
 from micle_jax.trainers.train_state import TrainState
 
@@ -102,6 +103,7 @@ def train(
         in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh)),
         out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
         donate_argnums=(0,),
+        compiler_options=conv.compiler_options(),
     )
     progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=run.writer, every_steps=config.log_every_steps
