@@ -23,6 +23,11 @@ Printed: each round's views/s, the medians, micle_jax's peak step memory
 temporaries) and PyTorch's peak resident memory, and last
 `ratio micle_jax/pytorch: X.XX` (above 1: micle_jax is faster).
 
+The micle_jax side runs as its trainer does: compiled with
+conv.compiler_options() and with glibc's huge-page malloc tunable
+(micle_jax/process_env.py, which `python -m micle_jax.main` sets for
+itself); PyTorch with its default malloc, or the same with `--same_malloc`.
+
 Any r<depth>x<width> without selective kernels: r50x1 at 64 px and 32 pairs
 (the issue's figure), the demo's r18x0.25 at 48 px and 128 pairs.
 
@@ -67,6 +72,11 @@ _MATMUL = flags.DEFINE_integer(
 )
 _CIFAR_STEM = flags.DEFINE_bool("cifar_stem", False, "Internal: the side's stem (parent's rule).")
 _SIDE = flags.DEFINE_enum("side", "", ["", "jax", "torch"], "Internal: run one side and print.")
+_SAME_MALLOC = flags.DEFINE_bool(
+    "same_malloc",
+    False,
+    "PyTorch too with the glibc malloc tunable micle_jax's trainer runs with (process_env.py).",
+)
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python", sys.executable, "Python with torch, torchvision, numpy and absl-py installed"
 )
@@ -257,6 +267,8 @@ def run_torch() -> dict:
 
 
 def _child(side: str) -> dict:
+    from micle_jax import process_env
+
     python = _TORCH_PYTHON.value if side == "torch" else sys.executable
     argv = [python, os.path.abspath(__file__), f"--side={side}"]
     names = ("arch", "image_size", "batch", "steps", "temperature", "cifar_stem", "device", "dtype")
@@ -264,6 +276,9 @@ def _child(side: str) -> dict:
     argv += [f"--{f}={getattr(flags.FLAGS, f)}" for f in names]
     platform = "cuda" if _DEVICE.value == "gpu" else "cpu"
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", platform)}
+    if side == "jax" or _SAME_MALLOC.value:
+        # micle_jax's trainer runs with glibc's huge-page malloc (micle_jax/process_env.py).
+        env = process_env.tuned_environ(env) or env
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
@@ -278,6 +293,7 @@ def main(argv):
         result = run_jax() if _SIDE.value == "jax" else run_torch()
         print(RESULT + json.dumps(result), flush=True)
         return
+    from micle_jax import process_env
     from micle_jax.models import resnet
 
     size = _IMAGE_SIZE.value
@@ -295,7 +311,9 @@ def main(argv):
         f"machine: {os.cpu_count()} CPUs, --device={_DEVICE.value}; {_ARCH.value}, {size} px "
         f"({'CIFAR' if _CIFAR_STEM.value else 'ImageNet'} stem), {_BATCH.value} pairs "
         f"({views} views), {_DTYPE.value}, {_STEPS.value} timed steps per round; pytorch "
-        f"{' + '.join(torch_options) or 'eager, contiguous'}"
+        f"{' + '.join(torch_options) or 'eager, contiguous'}; glibc malloc tunable "
+        f"{process_env.TUNABLE} for micle_jax (as its trainer runs)"
+        + (" and pytorch" if _SAME_MALLOC.value else ", pytorch's default malloc")
     )
     rates = {"jax": [], "torch": []}
     last = {}

@@ -8,10 +8,12 @@ same run the FLOP/s of a large matmul in the compute dtype on the same devices, 
 ratio means something on a shared, noisy machine. FLOPs per step come from
 XLA's cost analysis of the lowered (not yet compiled) step, where a compiled
 GPU step hides its convolutions in cuDNN calls that the analysis does not
-count. On the CPU most convolutions are patch matmuls (micle_jax/models/
-conv.py), which also multiply the padding's zeros: 6% more FLOPs for R50 1x
-at 64 px. `--count_only` prints the count of an accelerator's program (XLA's
-convolutions) without compiling or running the step.
+count. On the CPU some convolutions are patch matmuls (micle_jax/models/
+conv.py), which also multiply the padding's zeros. `--count_only` prints the
+count of an accelerator's program (XLA's convolutions) without compiling or
+running the step. Like `python -m micle_jax.main`, it restarts itself with
+glibc's huge-page malloc (micle_jax/process_env.py) and compiles the step
+with conv.compiler_options().
 """
 
 from __future__ import annotations
@@ -73,4 +75,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from micle_jax import process_env
+
+    process_env.restart_with_tuned_malloc()  # as the trainer runs (micle_jax.main)
     app.run(main)

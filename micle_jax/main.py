@@ -20,6 +20,12 @@ import os
 import sys
 from collections.abc import Mapping
 
+if __name__ == "__main__":
+    # Before anything heavy is imported: glibc's malloc tunables are read at start.
+    from micle_jax import process_env
+
+    process_env.restart_with_tuned_malloc()
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
