@@ -17,6 +17,9 @@ batch of random views already on the devices, no input pipeline; the ratio
 end-to-end / step alone says what the input pipeline costs the training. The
 step's peak memory is XLA's memory analysis of that compiled step.
 
+Both run with glibc's huge-page malloc: the trainer restarts itself with it
+(micle_jax/process_env.py) and so does this script, for the reference.
+
 The demo runs two pre-trainings at once (--parallel=2) on a 2-core machine;
 this runs one, so its step has both cores.
 """
@@ -136,4 +139,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from micle_jax import process_env
+
+    process_env.restart_with_tuned_malloc()  # the reference step as the trainer runs it
     app.run(main)

@@ -36,6 +36,7 @@ FAKE_TRAINER = textwrap.dedent(
     start = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
     with open(os.path.join(workdir, "invocations.jsonl"), "a") as f:
         f.write(json.dumps({"args": args, "start": start, "pid": os.getpid()}) + "\\n")
+    step = start  # the handler may run before the loop's first step
     def stop(signum, frame):
         rundir.write_status(workdir, "preempted", step=step)
         print(f"SIGTERM at step {step}: checkpoint saved", flush=True)
