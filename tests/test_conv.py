@@ -63,6 +63,50 @@ def test_patch_matmul_equals_xla_convolution_and_its_gradients(shape, kernel, st
 
 
 @pytest.mark.parametrize(
+    "shape,kernel,strides,padding",
+    [
+        ((3, 2, 2, 6), (3, 3, 6, 5), (1, 1), ((1, 1), (1, 1))),  # 3x3 on 2 px (group 4)
+        ((3, 1, 1, 6), (3, 3, 6, 5), (1, 1), ((1, 1), (1, 1))),  # 1x1 map: the centre tap
+        ((2, 2, 3, 4), (3, 2, 4, 3), (1, 1), ((2, 0), (0, 1))),  # asymmetric everything
+        ((2, 3, 3, 4), (3, 3, 4, 5), (2, 2), ((1, 1), (1, 1))),  # strided
+    ],
+)
+def test_toeplitz_matmul_equals_xla_convolution_and_its_gradients(shape, kernel, strides, padding):
+    x, k = _inputs(shape, kernel)
+    t = jnp.asarray(np.random.default_rng(1).normal(size=_xla(x, k, strides, padding).shape))
+    ours = lambda x, k: conv.toeplitz_matmul(x, k, strides, padding)  # noqa: E731
+    xla = lambda x, k: _xla(x, k, strides, padding)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(ours)(x, k), xla(x, k), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * t), (0, 1)))(x, k)
+    expected = jax.grad(lambda x, k: jnp.sum(xla(x, k) * t), (0, 1))(x, k)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,toeplitz",
+    [
+        ((8, 2, 2, 16), True),  # 3x3 on 2 px, batch >= half the channels
+        ((8, 2, 2, 32), False),  # the dense kernel outweighs the batch: patches
+        ((8, 4, 4, 8), False),  # more pixels than taps: XLA's convolution
+    ],
+)
+def test_cpu_lowering_of_a_kernel_larger_than_the_map(shape, toeplitz):
+    x, k = _inputs(shape, (3, 3, shape[3], 4))
+
+    def f(x, k):
+        return conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+
+    text = lowered(f, x, k)
+    if shape[1] * shape[2] >= 9:
+        assert "convolution" in text
+    else:
+        # patches are 9 windows side by side; the dense kernel copies nothing
+        assert "convolution" not in text and ("concatenate" not in text) == toeplitz
+    np.testing.assert_allclose(jax.jit(f)(x, k), _xla(x, k, (1, 1), ((1, 1),) * 2), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
     "shape,kernel,strides,patches",
     [
         ((2, 8, 8, 4), (1, 1, 4, 8), (1, 1), True),  # 1x1
