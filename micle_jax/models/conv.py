@@ -243,11 +243,13 @@ def _toeplitz_matmul_faster(lhs_shape, rhs_shape, window_strides) -> bool:
     forward + both gradients, 2-core machine (2026-12-03), Toeplitz / patch
     time: 0.46-0.83 with a batch of at least half the input channels (batch
     64-512, 64-512 channels), 1.5-2.8 below (batch 32-64, 512 channels),
-    where the dense kernel (16 x Cin x Cout) outweighs the batch's work.
+    where the dense kernel (16 x Cin x Cout) outweighs the batch's work. A
+    symbolic batch (a shape-polymorphic export) gets patches.
     """
     kh, kw = rhs_shape[:2]
     return (
-        all(s == 1 for s in window_strides)
+        isinstance(lhs_shape[0], int)
+        and all(s == 1 for s in window_strides)
         and lhs_shape[1] * lhs_shape[2] < kh * kw
         and 2 * lhs_shape[0] >= lhs_shape[3]
     )
