@@ -1,11 +1,11 @@
 """The training process's malloc: glibc's, asked for transparent huge pages.
 
 XLA:CPU allocates a compiled step's temporary buffers anew at every
-execution, one block (the demo's step: ~120 MiB; ResNet-50 1x at 64 px, 32
-pairs: ~770 MiB). glibc serves a block that large with a fresh mmap and
-returns it with munmap, so every step faults its temporaries in again, 4 KiB
-at a time: 31,000 page faults and ~80 ms of kernel time per demo step on
-the 2-core machine, 198,000 faults and ~450 ms per ResNet-50 step. With
+execution. glibc serves blocks that large with a fresh mmap and returns them
+with munmap, so every step faults its temporaries in again, 4 KiB at a time:
+31,000 page faults (~120 MiB) and ~80 ms of kernel time per step of the
+demo's network on the 2-core machine, 198,000 (~770 MiB) and ~450 ms per
+ResNet-50 1x step at 64 px, 32 pairs. With
 glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge
 pages (madvise), 2 MiB at a time: ~450 and ~1,000 faults per step, the
 demo's step 0.72x its time and ResNet-50's 0.9x, for 1% more resident

@@ -217,7 +217,7 @@ def _patch_matmul_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimensi
 def _patch_matmul_faster(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     """Whether patches beat XLA:CPU's convolution, forward + backward, by measurement.
 
-    Measured against XLA's own convolutions, as `cpu_compiler_options` compiles
+    Measured against XLA's own convolutions, as `compiler_options()` compiles
     them, on the 2-core machine (2026-12-03; forward + both gradients, batch
     256 at the demo's shapes and 64 at ResNet-50 1x's, patches / XLA time):
     1x1 convolutions 0.35-0.9 (the patch is the input itself; XLA transposes
@@ -225,7 +225,7 @@ def _patch_matmul_faster(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     strided onto 2 px) 0.02-0.31, where XLA's input gradient falls back to
     naive loops. Elsewhere XLA's: stride-1 3x3 on 3-16 px maps 0.8-4.5 (1.3-4.5
     below 4 px or 64 channels), the 7x7 stems 1.5-3.2, strided 3x3 onto 3-8 px
-    maps 0.55-1.4, which as patches made the demo's whole step 27% slower.
+    maps 0.55-1.4, which as patches made the demo's whole step 14-27% slower.
     """
     kh, kw = rhs_shape[:2]
     if (kh, kw) == (1, 1):
