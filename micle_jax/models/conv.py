@@ -157,8 +157,8 @@ def toeplitz_matmul(
     """
     batch, height, width, cin = lhs.shape
     kh, kw, _, cout = rhs.shape
-    (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
-    out_h, out_w = (height + top + bottom - kh) // sh + 1, (width + left + right - kw) // sw + 1
+    (sh, sw), ((top, _), (left, _)) = window_strides, padding
+    out_h, out_w = _output_size(lhs.shape, rhs.shape, window_strides, padding)
     select = np.zeros((height * width, out_h * out_w, kh * kw), np.float32)
     for y, x, i, j in itertools.product(range(out_h), range(out_w), range(kh), range(kw)):
         row, col = y * sh + i - top, x * sw + j - left
@@ -200,6 +200,15 @@ def explicit_padding(lhs_shape, window, window_strides, padding):
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+def _output_size(lhs_shape, rhs_shape, window_strides, padding) -> tuple[int, int]:
+    """(Ho, Wo) of an NHWC x HWIO convolution with explicit ((top, bottom), (left, right))."""
+    (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
+    return (
+        (lhs_shape[1] + top + bottom - rhs_shape[0]) // sh + 1,
+        (lhs_shape[2] + left + right - rhs_shape[1]) // sw + 1,
+    )
+
+
 def _patch_matmul_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
     """Whether the convolution is one patch_matmul computes: 2-D NHWC x HWIO,
     no dilation, one feature and batch group, no negative padding."""
@@ -230,9 +239,7 @@ def _patch_matmul_faster(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     kh, kw = rhs_shape[:2]
     if (kh, kw) == (1, 1):
         return True
-    (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
-    out_h = (lhs_shape[1] + top + bottom - kh) // sh + 1
-    out_w = (lhs_shape[2] + left + right - kw) // sw + 1
+    out_h, out_w = _output_size(lhs_shape, rhs_shape, window_strides, padding)
     return out_h < kh or out_w < kw
 
 
