@@ -17,6 +17,7 @@ import io
 import math
 import os
 import re
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,6 +38,18 @@ def _save(fig: Figure, path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     fs.write_bytes(path, buffer.getvalue())
+
+
+def _title(fig: Figure, text: str, fontsize: float = 9) -> str:
+    """`text` broken into lines that fit the figure's width at `fontsize` points.
+
+    Matplotlib neither wraps titles nor lets constrained layout shrink them,
+    so a panel key of five columns ran off both sides of a 6-inch figure.
+    Allows 0.6 em per character and 80% of the width (the axes' centre is
+    off the figure's by the y label).
+    """
+    width = int(0.8 * fig.get_figwidth() * 72 / (0.6 * fontsize))
+    return textwrap.fill(text, width=max(width, 20), break_long_words=False)
 
 
 def _slug(parts: Sequence) -> str:
@@ -103,7 +116,7 @@ def plot_label_efficiency(summary: Sequence[dict], params: Sequence[str], out: s
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("labelled training examples used (%)")
         ax.set_ylabel(info["metric"])
-        ax.set_title(f"Label efficiency: {title}", fontsize=9)
+        ax.set_title(_title(fig, f"Label efficiency: {title}"), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(title="pre-training (95% CI bands)", fontsize=8, title_fontsize=8)
         path = os.path.join(out, f"label_efficiency_{name}.png")
@@ -167,7 +180,7 @@ def plot_distribution_shift(summary: Sequence[dict], params: Sequence[str], out:
         ax.set_ylabel(info["metric"])
         fraction = rows[0].get("label_fraction")
         suffix = f", {100 * fraction:g}% labels" if isinstance(fraction, int | float) else ""
-        ax.set_title(f"In-domain vs shifted: {title}{suffix}", fontsize=9)
+        ax.set_title(_title(fig, f"In-domain vs shifted: {title}{suffix}"), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=len(datasets))
         path = os.path.join(out, f"distribution_shift_{name}.png")
@@ -223,7 +236,7 @@ def plot_calibration(summary: Sequence[dict], params: Sequence[str], out: str) -
             ax.bar(x, means, width, yerr=errors, capsize=3, label=tag.replace("_", " "))
         ax.set_xticks(np.arange(len(methods)), [str(m) for m in methods])
         ax.set_ylabel("expected calibration error (15 bins)")
-        ax.set_title(f"Calibration: {title}", fontsize=9)
+        ax.set_title(_title(fig, f"Calibration: {title}"), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
         path = os.path.join(out, f"calibration_{name}.png")
@@ -301,7 +314,7 @@ def plot_subgroups(summary: Sequence[dict], params: Sequence[str], out: str) -> 
         axes[0].set_yticks(np.arange(len(groups)), groups)
         axes[0].invert_yaxis()
         axes[-1].legend(title="dashed: whole population", fontsize=7, title_fontsize=7)
-        fig.suptitle(f"Subgroups: {title} (95% CI)", fontsize=9)
+        fig.suptitle(_title(fig, f"Subgroups: {title} (95% CI)"), fontsize=9)
         path = os.path.join(out, f"subgroups_{name}.png")
         _save(fig, path)
         paths.append(path)
@@ -347,7 +360,7 @@ def plot_reliability(curves: Sequence[dict], title: str, path: str) -> str:
         hist.set_xlabel("mean score in bin" if name is not None else "confidence")
         hist.set_ylabel("images")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_title(fig, title), fontsize=9)
     _save(fig, path)
     return path
 

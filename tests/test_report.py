@@ -15,7 +15,7 @@ import scipy.stats
 from PIL import Image
 
 from launch import sweep, sweep_spec
-from micle_jax import report, report_summary, rundir
+from micle_jax import report, report_plots, report_summary, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -195,6 +195,48 @@ def test_report_writes_table_csv_and_plots(sweep_root, tmp_path):
         if path.endswith(".png"):
             image = np.asarray(Image.open(path).convert("L"))
             assert image.shape[0] > 100 and image.std() > 5  # a drawn figure, not blank
+
+
+def test_long_figure_titles_stay_inside_the_figure(tmp_path, monkeypatch):
+    # The study's panels are keyed by five columns; their one-line titles ran
+    # off both sides of the 6-inch figure.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures = []
+    save = report_plots._save
+    monkeypatch.setattr(
+        report_plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))
+    )
+    summary = [
+        {
+            "method": method,
+            "label_fraction": fraction,
+            "protocol": protocol,
+            "dataset": "ham10000",
+            "split": split,
+            "eval": f"{protocol}_{split}",
+            "checkpoint": "frozen",
+            "metric": "balanced_accuracy",
+            "calibration": None,
+            "mean": 0.3,
+            "ci_low": 0.25,
+            "ci_high": 0.35,
+        }
+        for method in ("simclr", "random")
+        for fraction in (0.01, 0.1, 1.0)
+        for protocol in ("linear", "knn")
+        for split in ("test", "validation")
+    ]
+    params = ["method", "label_fraction", "protocol"]
+    paths = report_plots.plot_label_efficiency(summary, params, str(tmp_path))
+    assert len(paths) == len(figures) == 4
+    for fig in figures:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        title = fig.axes[0].title
+        assert "protocol=" in title.get_text() and "metric=balanced_accuracy" in title.get_text()
+        box = title.get_window_extent(canvas.get_renderer())
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (title.get_text(), box, fig.bbox)
 
 
 def test_no_results_is_an_error_naming_the_root(tmp_path):
