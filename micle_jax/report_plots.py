@@ -57,10 +57,18 @@ def _slug(parts: Sequence) -> str:
 
 
 def _panel_labels(keys: Sequence[tuple], columns: Sequence[str], always: Sequence[str]):
-    """Per panel key: (file slug, title text) from the `always` columns and those that vary."""
+    """Per panel key: (file slug, title text) from the `always` columns and those that vary.
+
+    A column a panel has no value for (a metric without a calibration) is
+    left out of its title, as of its slug.
+    """
     shown = [i for i, c in enumerate(columns) if c in always or len({k[i] for k in keys}) > 1]
     return [
-        (_slug(k[i] for i in shown), ", ".join(f"{columns[i]}={k[i]}" for i in shown)) for k in keys
+        (
+            _slug(k[i] for i in shown),
+            ", ".join(f"{columns[i]}={k[i]}" for i in shown if k[i] not in ("", None)),
+        )
+        for k in keys
     ]
 
 

@@ -227,14 +227,24 @@ def test_long_figure_titles_stay_inside_the_figure(tmp_path, monkeypatch):
         for protocol in ("linear", "knn")
         for split in ("test", "validation")
     ]
+    # A calibrated metric beside them: 'calibration' varies between panels.
+    summary += [
+        {**row, "metric": "ece", "calibration": "after_temperature"}
+        for row in summary
+        if row["protocol"] == "linear" and row["split"] == "test"
+    ]
     params = ["method", "label_fraction", "protocol"]
     paths = report_plots.plot_label_efficiency(summary, params, str(tmp_path))
-    assert len(paths) == len(figures) == 4
+    assert len(paths) == len(figures) == 5
     for fig in figures:
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
         title = fig.axes[0].title
-        assert "protocol=" in title.get_text() and "metric=balanced_accuracy" in title.get_text()
+        assert "protocol=" in title.get_text() and "metric=" in title.get_text()
+        assert ("calibration=after_temperature" in title.get_text()) == (
+            "metric=ece" in title.get_text()
+        )
+        assert "None" not in title.get_text()
         box = title.get_window_extent(canvas.get_renderer())
         assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (title.get_text(), box, fig.bbox)
 
