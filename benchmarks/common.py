@@ -152,7 +152,7 @@ def matmul_flops(jaxpr) -> float:
             (contract, _), _ = eqn.params["dimension_numbers"]
             out = eqn.outvars[0].aval
             total += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
-        if name == "cond":
+        elif name == "cond":
             # One branch runs (e.g. platform_dependent's per-platform lowerings).
             total += max(matmul_flops(b.jaxpr) for b in eqn.params["branches"])
             continue

@@ -143,8 +143,8 @@ def run_jax() -> dict:
     }
     if _MATMUL.value:
         # The network's FLOPs are its convolutions', not those of the CPU's patch
-        # matmuls (which multiply padding too): a step built anew, since jit
-        # would reuse the trace above.
+        # matmuls (which multiply padding too) nor of both platform branches: a
+        # step built anew with XLA's convolutions, since jit would reuse the trace above.
         with conv.xla_convolutions():
             counted, counted_state, counted_batch = build_step(*args)
             if jax.default_backend() == "cpu":
@@ -350,7 +350,7 @@ def main(argv):
     )
     print(f"parameters: micle_jax {jax_last['params']:,}, pytorch {torch_last['params']:,}")
     if _MATMUL.value:
-        # Both sides train the same network: XLA's FLOP count of the lowered step.
+        # Both sides train the same network: micle_jax's count of its step (flops_source).
         reference, flops = jax_last["matmul_flops_per_s"], jax_last["flops"]
         print(
             f"step FLOPs ({jax_last['flops_source']}): {flops / 1e9:.2f} GFLOP; "
